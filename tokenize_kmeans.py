@@ -58,6 +58,7 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     p.add_argument("--refit", action="store_true", help="fit a new codebook even if a matching codebook.pt exists")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="encoder arithmetic; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it 1.5x faster (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' (default: %(default)s)")
     p.add_argument("--cache", default=os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit")), help="where downloaded wheels and converted weights live (default: %(default)s)")
     args = p.parse_args(argv)
@@ -160,7 +161,8 @@ def dataset_for_tokens(tok, cache=None):
     """The images behind a token file, row i of tok['tokens'] = item i (later stages use this)."""
     cache = cache or os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
     d = tok["data"]
-    return Subset(make_dataset(d["name"], d["split"], tok["image_size"], cache), d["index"].tolist())
+    return Subset(make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"], cache),
+                  d["index"].tolist())
 
 
 class SkipBad(Dataset):
@@ -342,7 +344,10 @@ def load_encoder(name, cache):
         arch = name.split("_")[1]
         full = arch + ("_reg4" if name.endswith("_reg") else "")
         url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{full}_pretrain.pth"
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except OSError as e:  # URLError is an OSError: no internet, proxy, ...
+            fail(f"could not download {url} ({e}); offline, use --encoder dinov2_vits14_offline")
         state.pop("mask_token", None)  # used only by DINOv2's masked-image training
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
@@ -370,17 +375,25 @@ def all_reduce(t):
     return t
 
 
-def gather_strided(x, n):
-    """Rank r holds items r, r+W, r+2W, ... of a global list of n; return all n in order, on every rank."""
-    if not dist.is_initialized():
-        return x[:n]
-    world = dist.get_world_size()
-    m = math.ceil(n / world)
-    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).reshape(m * world, *x.shape[1:])[:n]
+def gather_rows(x, keys):
+    """Every rank's rows of x, sorted by their integer keys (e.g. dataset index), on every rank.
+
+    Rank r encodes images r, r+W, r+2W, ...; sorting by image index restores the order one process
+    would have produced, so the result does not depend on the number of ranks."""
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+        m = int(max(sizes))
+        pad_x = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        pad_k = torch.zeros(m, dtype=keys.dtype, device=x.device)
+        pad_x[: len(x)], pad_k[: len(keys)] = x, keys.to(x.device)
+        xs, ks = [torch.empty_like(pad_x) for _ in range(world)], [torch.empty_like(pad_k) for _ in range(world)]
+        dist.all_gather(xs, pad_x), dist.all_gather(ks, pad_k)
+        x = torch.cat([t[: int(n)] for t, n in zip(xs, sizes)])
+        keys = torch.cat([t[: int(n)] for t, n in zip(ks, sizes)])
+    order = torch.argsort(keys.to(x.device), stable=True)
+    return x[order], keys.to(x.device)[order]
 
 
 def gather_objects(obj):
@@ -389,6 +402,29 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def matmul_flops(device, dtype, n=2048, reps=5):
+    """Measured matmul throughput (FLOP/s) of an n x n product on this device: the machine's practical peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a  # warm-up (thread pools, oneDNN kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def autocast_dtype(precision, device):
+    """None (fp32) or torch.bfloat16. CPUs differ: with AMX or AVX512-BF16 bf16 wins, without it loses."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if matmul_flops(device, torch.bfloat16) > 1.5 * matmul_flops(device, torch.float32) else None
 
 
 # ----------------------------------------------------------------------------- K-means in torch
@@ -438,26 +474,27 @@ def split_empty(C, counts, gen):
     return C
 
 
-def kmeans(x, k, iters=20, init="k-means++", seed=0, tol=1e-4, init_points=None, chunk=None, verbose=True):
-    """Lloyd's K-means on this rank's rows of x; under torchrun the sums and counts are all-reduced.
-
-    init: 'k-means++', 'random', or a [K, D] tensor of starting centroids.
-    Returns (centroids [K, D], stats dict). x should be centred (see fit_codebook)."""
+def init_centroids(sample, k, method="k-means++", seed=0):
+    """K starting centroids drawn from `sample` (the same rows on every rank): k-means++ or K random rows."""
     gen = torch.Generator().manual_seed(seed)
+    if method == "k-means++":
+        return kmeans_plusplus(sample, k, gen)
+    return sample[torch.randperm(len(sample), generator=gen)[:k].to(sample.device)].clone()
+
+
+def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True):
+    """Lloyd's K-means from starting centroids C [K, D] on this rank's rows of x [n, D].
+
+    Under torchrun each rank holds a shard of the points; the per-cluster sums and counts are
+    all-reduced, so every rank computes the same centroids. Returns (centroids, stats)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = C.shape[0]
+    C = C.to(x.device, torch.float32).clone()
+    if dist.is_initialized():
+        dist.broadcast(C, 0)
     n_total = int(all_reduce(torch.tensor(len(x), device=x.device)))
     if k > n_total:
         fail(f"--k {k} is larger than the number of points to cluster ({n_total})")
-    if torch.is_tensor(init):
-        C = init.to(x.device, torch.float32).clone()
-    else:
-        # the init sample: the first rows in global order, identical for any number of ranks
-        m = min(n_total, init_points or 16 * k)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        sample = gather_strided(x[: math.ceil(m / world)], m)
-        pick = torch.randperm(len(sample), generator=gen)[:k].to(x.device)
-        C = kmeans_plusplus(sample, k, gen) if init == "k-means++" else sample[pick].clone()
-    if dist.is_initialized():
-        dist.broadcast(C, 0)
     prev, history = float("inf"), []
     for it in range(iters):
         idx, d = nearest_centroid(x, C, chunk)
@@ -482,15 +519,15 @@ def kmeans(x, k, iters=20, init="k-means++", seed=0, tol=1e-4, init_points=None,
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def encode(model, dataset, indices, layer, batch_size, workers, device, rank, desc):
+def encode(model, dataset, indices, layer, args, device, rank, desc):
     """Yield (features [b, h*w, D] float32, labels, dataset indices, unreadable names) for this rank's images."""
-    loader = DataLoader(SkipBad(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate_skip)
+    loader = DataLoader(SkipBad(dataset, indices), batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip)
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=rank != 0, dynamic_ncols=True)
     with torch.inference_mode():
         for imgs, labels, idx, bad in loader:
             feats = None
             if imgs is not None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.autocast(device.type, dtype=args.dtype or torch.float32, enabled=args.dtype is not None):
                     feats = model.get_intermediate_layers(imgs.to(device, non_blocking=True), [layer])[0].float()
             bar.update(len(idx) + len(bad))
             yield feats, labels, idx, [dataset.name(i) for i in bad]
@@ -505,43 +542,49 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     per_image = max(1, min(hw, hw // 4 if n_fit < len(train) * hw // 4 else math.ceil(n_fit / len(train))))
     n_img = min(len(train), math.ceil(n_fit / per_image))
     images = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:n_img].sort().values
-    points = []
-    for feats, _, idx, _ in encode(model, train, images[rank::world].tolist(), layer, args.batch_size,
-                                   args.workers, device, rank, "encode (fit)"):
+    points, keys = [], []
+    for feats, _, idx, _ in encode(model, train, images[rank::world].tolist(), layer, args, device, rank, "encode (fit)"):
         for f, i in zip(feats, idx.tolist()):  # the patches kept depend on the image only, not on the rank
             keep = torch.randperm(hw, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))[:per_image]
             points.append(f[keep.to(device)])
-    x = torch.cat(points)
+            keys.append(i)
+    x, keys = torch.stack(points), torch.tensor(keys, device=device)  # [n_local_images, per_image, D]
     # Centre the points: distances are unchanged, but ||x||^2 - 2x.c + ||c||^2 loses far less precision.
-    mean = all_reduce(x.double().sum(0)) / all_reduce(torch.tensor(float(len(x)), device=device)).double()
-    x -= mean.float()
+    n = all_reduce(torch.tensor(float(x.shape[0] * per_image), device=device, dtype=torch.float64))
+    mean = (all_reduce(x.double().sum((0, 1))) / n).float()
+    x -= mean
+    # k-means++ draws from the points of the first few images in dataset order: the same on any number of ranks
+    n_init = math.ceil(min(int(n), args.init_points or 16 * args.k) / per_image)
+    first = keys <= images[min(n_init, n_img) - 1].item()
+    sample = gather_rows(x[first], keys[first])[0].flatten(0, 1)
     if rank == 0:
-        print(f"K-means: K={args.k} on {int(all_reduce(torch.tensor(len(x), device=device)))} patches "
-              f"({per_image} from each of {n_img} images), dim {x.shape[1]}")
-    C, stats = kmeans(x, args.k, args.iters, args.init, args.seed, args.tol, args.init_points, verbose=rank == 0)
-    return C + mean.float(), stats
+        print(f"K-means: K={args.k} on {int(n)} patches ({per_image} from each of {int(n) // per_image} images), "
+              f"dim {x.shape[2]}, {args.init} init from {len(sample)} patches")
+    C0 = init_centroids(sample, args.k, args.init, args.seed)
+    C, stats = kmeans(x.flatten(0, 1), C0, args.iters, args.seed, args.tol, verbose=rank == 0)
+    return C + mean, stats
 
 
 def tokenize_split(args, model, ds, layer, centroids, device, rank, world, split):
-    """Tokens [N, h*w] (dataset order) and labels [N] for a whole split; unreadable images are dropped."""
+    """Tokens [N, h*w] and labels [N] of a whole split in dataset order; unreadable images are dropped."""
     mean = centroids.mean(0)  # any centre works; this one keeps the fp32 distance accurate
     C = centroids - mean
-    hw = (args.image_size // 14) ** 2
-    mine = list(range(rank, len(ds), world))
-    tokens = torch.full((len(mine), hw), -1, dtype=torch.long, device=device)
-    labels = torch.full((len(mine),), -1, dtype=torch.long, device=device)
-    bad_names, pos = [], {i: j for j, i in enumerate(mine)}
-    for feats, lab, idx, bad in encode(model, ds, mine, layer, args.batch_size, args.workers, device, rank, f"tokenize {split}"):
+    tokens, labels, keys, bad_names = [], [], [], []
+    for feats, lab, idx, bad in encode(model, ds, list(range(rank, len(ds), world)), layer, args, device, rank, f"tokenize {split}"):
         bad_names += bad
-        if feats is None:
-            continue
-        rows = torch.tensor([pos[i] for i in idx.tolist()], device=device)
-        tokens[rows] = nearest_centroid((feats - mean).flatten(0, 1), C)[0].view(len(idx), hw)
-        labels[rows] = lab.to(device)
-    tokens, labels = gather_strided(tokens, len(ds)), gather_strided(labels, len(ds))
+        if feats is not None:
+            # int32 on the wire: 4x smaller than int64 and every backend (gloo, NCCL) can all-gather it
+            tokens.append(nearest_centroid((feats - mean).flatten(0, 1), C)[0].view(len(idx), -1).int())
+            labels.append(lab.to(device))
+            keys.append(idx.to(device))
+    hw = (args.image_size // 14) ** 2
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, hw, dtype=torch.int32, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=device)
+    tokens, index = gather_rows(tokens, keys)
+    labels, _ = gather_rows(labels, keys)
     bad_names = sorted(sum(gather_objects(bad_names), []))
-    ok = tokens[:, 0] >= 0
-    return tokens[ok].cpu(), labels[ok].cpu(), torch.nonzero(ok).flatten().cpu(), bad_names
+    return tokens.cpu(), labels.cpu(), index.cpu(), bad_names
 
 
 def token_dtype(k):
@@ -567,17 +610,21 @@ def main(argv=None):
     layer = args.layer % depth
     rank, world, device = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     train = make_dataset(args.data, "train", args.image_size, args.cache)
     val = make_dataset(args.data, "val", args.image_size, args.cache)
     hw = (args.image_size // 14) ** 2
     if args.k > len(train) * hw:
         fail(f"--k {args.k} is larger than the number of patches in the train set ({len(train)} x {hw})")
     model = load_encoder(args.encoder, args.cache).to(device)
+    os.makedirs(args.out, exist_ok=True)  # only now: bad input above leaves nothing behind
+    args.dtype = autocast_dtype(args.precision, device)
+    if rank == 0:
+        print(f"encoder {args.encoder} block {layer} on {device} in {'bf16' if args.dtype else 'fp32'}, {world} process(es)")
     data_name = "mnist" if args.data == "mnist" else "imagefolder"
     data_root = None if args.data == "mnist" else os.path.abspath(args.data)
     fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, k=args.k, data=args.data,
-                      iters=args.iters, init=args.init, seed=args.seed, fit_points=args.fit_points)
+                      iters=args.iters, init=args.init, seed=args.seed, fit_points=args.fit_points,
+                      init_points=args.init_points, precision="bf16" if args.dtype else "fp32")
 
     # 1) the codebook (reused if a codebook.pt with the same settings exists: the fit is the long part)
     cb_path = os.path.join(args.out, "codebook.pt")

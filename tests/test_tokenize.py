@@ -1,0 +1,119 @@
+"""tokenize_kmeans.py end to end on a tiny ImageFolder: the file contract, corrupt images, torchrun, bad input."""
+import os
+
+import pytest
+import torch
+
+from conftest import make_image_folder, run_script
+from tokenize_kmeans import MNIST5k, dataset_for_tokens, token_dtype
+
+TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers", "0", "--batch-size", "5", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def tokenized(image_folder, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tok1"))
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out, *TINY)
+    return out, p.stdout + p.stderr
+
+
+def load(out, name):
+    return torch.load(os.path.join(out, name), weights_only=True)
+
+
+def test_token_files_follow_design(tokenized):
+    out, _ = tokenized
+    cb = load(out, "codebook.pt")
+    assert cb["centroids"].dtype == torch.float32 and cb["centroids"].shape == (16, 384)
+    assert cb["encoder"] == "dinov2_vits14_offline" and cb["layer"] == 9 and cb["image_size"] == 56 and cb["patch_size"] == 14
+    assert {"iters", "init", "seed", "n_points", "inertia"} <= set(cb)
+    for split, n in (("train", 24), ("val", 8)):
+        t = load(out, f"tokens_{split}.pt")
+        assert t["tokens"].shape == (n, 16) and t["tokens"].dtype == torch.uint8
+        assert t["grid"] == (4, 4) and t["vocab_size"] == 16
+        assert int(t["tokens"].max()) < 16
+        assert t["labels"].dtype == torch.int64 and t["labels"].tolist() == [0] * (n // 2) + [1] * (n // 2)
+        assert t["classes"] == ["bars", "disc"]
+        assert t["data"]["name"] == "imagefolder" and t["data"]["split"] == split
+        assert (t["encoder"], t["layer"], t["image_size"]) == (cb["encoder"], cb["layer"], cb["image_size"])
+
+
+def test_corrupt_image_is_skipped_and_named(tokenized):
+    out, log = tokenized
+    t = load(out, "tokens_train.pt")
+    assert len(t["skipped"]) == 1 and t["skipped"][0].endswith("999_corrupt.png")
+    assert "skipped 1 unreadable image(s) in train" in log and "999_corrupt.png" in log
+    # the corrupt file sorts last in class "disc" (index 24), so every other image is kept in order
+    assert t["data"]["index"].tolist() == list(range(24))
+
+
+def test_tokens_can_be_traced_back_to_their_images(tokenized):
+    out, _ = tokenized
+    t = load(out, "tokens_val.pt")
+    ds = dataset_for_tokens(t)
+    assert len(ds) == len(t["tokens"])
+    img, label = ds[5]
+    assert img.shape == (3, 56, 56) and label == int(t["labels"][5])
+
+
+def test_codebook_is_reused_unless_settings_change(tokenized, image_folder):
+    out, _ = tokenized
+    before = load(out, "codebook.pt")["centroids"]
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out, *TINY)
+    assert "reusing" in p.stdout
+    assert torch.equal(before, load(out, "codebook.pt")["centroids"])
+
+
+def test_two_processes_match_one(tokenized, image_folder, tmp_path):
+    out1, _ = tokenized
+    out2 = str(tmp_path)
+    run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out2, *TINY, nproc=2)
+    c1, c2 = load(out1, "codebook.pt"), load(out2, "codebook.pt")
+    torch.testing.assert_close(c2["centroids"], c1["centroids"], atol=1e-4, rtol=1e-5)
+    assert abs(c1["inertia"] - c2["inertia"]) < 1e-5 * c1["inertia"]
+    for split in ("train", "val"):
+        t1, t2 = load(out1, f"tokens_{split}.pt"), load(out2, f"tokens_{split}.pt")
+        assert torch.equal(t1["tokens"], t2["tokens"]) and torch.equal(t1["labels"], t2["labels"])
+        assert torch.equal(t1["data"]["index"], t2["data"]["index"]) and t1["skipped"] == t2["skipped"]
+
+
+def test_mnist_split_is_fixed_and_stratified():
+    tr, va = MNIST5k("train", lambda x: x, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))), None
+    va = MNIST5k("val", lambda x: x, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit")))
+    assert len(tr) == 4500 and len(va) == 500
+    assert torch.bincount(torch.from_numpy(va.labels)).tolist() == [50] * 10
+    img, label = va[0]
+    assert img.mode == "RGB" and img.size == (28, 28) and 0 <= label < 10
+    # no image is in both splits
+    flat = lambda d: {bytes(x) for x in d.images.reshape(len(d), -1)}
+    assert len(flat(tr) & flat(va)) <= 5  # MNIST has a handful of exact duplicate digits, not a split leak
+
+
+def test_token_dtype():
+    assert token_dtype(256) == torch.uint8 and token_dtype(257) == torch.int16 and token_dtype(8192) == torch.int16
+    assert token_dtype(40000) == torch.int32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/imagenet"], "does not exist"),
+    (["--image-size", "50"], "not a multiple of the patch size 14"),
+    (["--layer", "12"], "out of range"),
+    (["--layer", "-13"], "out of range"),
+    (["--k", "100000"], "larger than the number"),
+    (["--encoder", "dinov3_vit"], "invalid choice"),  # argparse: last of several --encoder wins
+])
+def test_bad_input_is_a_one_line_error(args, message, image_folder, tmp_path):
+    out = tmp_path / "out"
+    base = ["--data", image_folder, "--encoder", "dinov2_vits14_offline", "--image-size", "56", "--workers", "0"]
+    p = run_script("tokenize_kmeans.py", *base, *args, "--out", str(out), check=False)
+    assert p.returncode != 0
+    assert message in p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr
+    assert not out.exists() or not os.listdir(out)  # nothing half-written
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    p = run_script("tokenize_kmeans.py", "--data", str(tmp_path), "--out", str(tmp_path / "out"), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "no images" in p.stderr
