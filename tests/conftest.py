@@ -47,3 +47,21 @@ def make_image_folder(root, n_train=12, n_val=4, size=40, seed=0, corrupt=True):
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("imgs")))
+
+
+def make_token_files(out, n_train=64, n_val=16, grid=(4, 4), vocab=32, n_classes=3, seed=0):
+    """Token files in the DESIGN.md format with learnable structure: each class has its own token pattern."""
+    import torch
+    os.makedirs(out, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randint(vocab, (n_classes, grid[0] * grid[1]), generator=g)
+    for split, n in (("train", n_train), ("val", n_val)):
+        labels = torch.arange(n) % n_classes
+        tokens = patterns[labels].clone()
+        noise = torch.rand(tokens.shape, generator=g) < 0.1
+        tokens[noise] = torch.randint(vocab, (int(noise.sum()),), generator=g)
+        torch.save(dict(tokens=tokens.to(torch.int16), grid=grid, vocab_size=vocab, labels=labels,
+                        classes=[f"c{i}" for i in range(n_classes)],
+                        data=dict(name="synthetic", root=None, split=split, index=torch.arange(n)), skipped=[],
+                        encoder="dinov2_vits14_offline", layer=9, image_size=14 * grid[0]), os.path.join(out, f"tokens_{split}.pt"))
+    return out

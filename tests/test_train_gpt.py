@@ -1,0 +1,120 @@
+"""train_gpt.py: the model's contracts, learning, class dropout, checkpoints, resume, DDP, bad input."""
+import os
+
+import pytest
+import torch
+
+from conftest import make_token_files, run_script
+from train_gpt import GPT, batch_indices, drop_classes, loss_fn, main
+
+TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-size", "16", "--precision", "fp32",
+        "--eval-interval", "5", "--eval-batches", "1", "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def tiny_gpt(**kw):
+    torch.manual_seed(0)
+    return GPT(**dict(dict(vocab_size=32, block_size=16, n_classes=3, n_layer=2, n_embd=32, n_head=2), **kw))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_causality(norm):
+    model = tiny_gpt(norm=norm).eval()
+    x = torch.randint(32, (2, 15))
+    labels = torch.tensor([0, 2])
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 1) % 32  # change token 9: position 9 is the first to see it (position 0 is the class)
+    a, b = model(x, labels), model(y, labels)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+    c = model(x, torch.tensor([1, 2]))  # the class reaches every position
+    assert not torch.allclose(a[0, 0], c[0, 0])
+
+
+def test_hidden_states_and_shapes():
+    model = tiny_gpt().eval()
+    logits, hidden = model(torch.randint(32, (3, 15)), torch.tensor([0, 1, 3]), return_hidden=True)  # 3 = null class
+    assert logits.shape == (3, 16, 32) and len(hidden) == 2 and hidden[0].shape == (3, 16, 32)
+    assert model(torch.randint(32, (3, 4)), None).shape == (3, 5, 32)  # shorter prefixes work (sampling)
+
+
+def test_tied_embeddings_share_weights():
+    model = tiny_gpt(tie_embeddings=True)
+    assert model.head.weight is model.tok_emb.weight
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in tiny_gpt().parameters())
+
+
+def test_overfits_one_batch():
+    model = tiny_gpt(n_embd=64)
+    # one sequence per class: with two sequences of one class their first tokens could not both be memorised
+    x, y = torch.randint(32, (3, 16)), torch.arange(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = loss_fn(model, x, y).item()
+    for _ in range(200):
+        loss = loss_fn(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.0 and loss.item() < 0.05  # from ~ln(32) = 3.47 to memorised
+
+
+def test_class_dropout_rate_and_determinism():
+    labels = torch.zeros(20000, dtype=torch.long)
+    out = drop_classes(labels, 0.1, 10, step=3, seed=0)
+    rate = (out == 10).float().mean().item()
+    assert 0.09 < rate < 0.11 and set(out.unique().tolist()) == {0, 10}
+    assert torch.equal(out, drop_classes(labels, 0.1, 10, step=3, seed=0))
+    assert not torch.equal(out, drop_classes(labels, 0.1, 10, step=4, seed=0))
+    assert torch.equal(drop_classes(labels, 0.0, 10, 3, 0), labels)
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([batch_indices(s, 8, 40, seed=0) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(40))
+    assert not torch.equal(batch_indices(5, 8, 40, 0), batch_indices(0, 8, 40, 0))  # a new permutation next epoch
+
+
+def test_train_checkpoint_and_resume_exactly(tmp_path):
+    straight, parts = str(tmp_path / "a"), str(tmp_path / "b")
+    make_token_files(straight), make_token_files(parts)
+    losses = main(["--out", straight, "--max-steps", "20", *TINY])
+    assert losses[-1] < losses[0] - 0.5  # it learns the class patterns
+    ck = torch.load(os.path.join(straight, "gpt.pt"), weights_only=True)
+    assert ck["step"] == 20 and ck["losses"] == losses and ck["evals"][-1]["step"] == 20
+    model = GPT(**ck["model_args"])
+    model.load_state_dict(ck["model"])
+    assert ck["vocab_size"] == 32 and ck["grid"] == (4, 4) and ck["classes"] == ["c0", "c1", "c2"]
+
+    main(["--out", parts, "--max-steps", "20", "--stop-after", "10", *TINY])
+    assert torch.load(os.path.join(parts, "gpt.pt"), weights_only=True)["step"] == 10
+    resumed = main(["--out", parts, "--max-steps", "20", "--resume", *TINY])
+    assert len(resumed) == 20
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses), rtol=0, atol=1e-6)
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    make_token_files(one), make_token_files(two)
+    args = ["--max-steps", "6", "--class-dropout", "0.2", "--grad-accum", "2", *TINY]
+    run_script("train_gpt.py", "--out", one, *args)
+    run_script("train_gpt.py", "--out", two, *args, nproc=2)
+    a = torch.load(os.path.join(one, "gpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "gpt.pt"), weights_only=True)
+    torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=0, atol=1e-5)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_mismatched_token_files_are_one_line_errors(tmp_path):
+    out = make_token_files(str(tmp_path))
+    val = torch.load(os.path.join(out, "tokens_val.pt"), weights_only=True)
+    val["vocab_size"] = 64
+    torch.save(val, os.path.join(out, "tokens_val.pt"))
+    p = run_script("train_gpt.py", "--out", out, *TINY, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "disagree on vocab_size: 32 vs 64" in p.stderr.strip().splitlines()[-1]
+    make_token_files(out)
+    main(["--out", out, "--max-steps", "2", *TINY])
+    p = run_script("train_gpt.py", "--out", out, "--resume", *TINY[:-2], "--n-embd", "64", check=False)
+    assert p.returncode != 0 and "other model settings" in p.stderr
+    p = run_script("train_gpt.py", "--out", str(tmp_path / "empty"), check=False)
+    assert p.returncode != 0 and "not found: run tokenize_kmeans.py" in p.stderr

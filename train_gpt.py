@@ -1,0 +1,397 @@
+"""
+Stage 1b of DiGIT: a GPT that learns to generate DiGIT token grids (paper Sec. 3.2).
+
+Each image is h*w tokens in raster order (from tokenize_kmeans.py). The sequence fed to the model is
+[class token, t_0, ..., t_{T-2}] and it predicts t_0 ... t_{T-1}: next-token prediction, conditioned
+on the class (or on a BOS token with --unconditional). A learned "null class" and --class-dropout
+make classifier-free guidance possible at sampling time.
+
+Run (reads out/tokens_{train,val}.pt, writes out/gpt.pt):
+    python train_gpt.py                                   # demo: tiny GPT on MNIST tokens, CPU
+    torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 256 --max-steps 300000
+    python train_gpt.py --resume                          # continue from out/gpt.pt
+"""
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from tokenize_kmeans import autocast_dtype, fail, init_distributed, matmul_flops, save_atomic
+
+# n_layer x n_embd x n_head. base = DiGIT-base (~219M with K=8192), large = DiGIT-large (~732M).
+MODELS = {
+    "tiny": dict(n_layer=4, n_embd=192, n_head=4),
+    "small": dict(n_layer=8, n_embd=384, n_head=6),
+    "base": dict(n_layer=16, n_embd=1024, n_head=16),
+    "large": dict(n_layer=24, n_embd=1536, n_head=24),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="out", help="reads tokens_*.pt from and writes gpt.pt to this directory (default: %(default)s)")
+    a("--model", default="tiny", choices=list(MODELS), help="size preset (default: %(default)s)")
+    a("--n-layer", type=int, help="override the preset's layer count")
+    a("--n-embd", type=int, help="override the preset's width")
+    a("--n-head", type=int, help="override the preset's head count")
+    a("--dropout", type=float, default=0.0, help="dropout in attention and MLP (default: %(default)s)")
+    a("--norm", default="pre", choices=["pre", "post"], help="pre-LN (default) or post-LN as the paper (default: %(default)s)")
+    a("--tie-embeddings", action="store_true", help="share input and output token embeddings (the paper unties them)")
+    a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class token")
+    a("--class-dropout", type=float, default=0.1, help="fraction of class tokens replaced by the null class, for CFG (default: %(default)s)")
+    a("--batch-size", type=int, default=64, help="global batch (images per optimizer step, all ranks) (default: %(default)s)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per step on each rank (default: %(default)s)")
+    a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    a("--min-lr", type=float, default=1e-4, help="final learning rate of the cosine schedule (default: %(default)s)")
+    a("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"], help="decay after warm-up; the paper used inverse-sqrt (default: %(default)s)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, matrices only (default: %(default)s)")
+    a("--beta2", type=float, default=0.95, help="AdamW beta2; the paper used 0.98 (default: %(default)s)")
+    a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing; the paper used 0.1 (default: %(default)s)")
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off) (default: %(default)s)")
+    a("--eval-interval", type=int, default=250, help="steps between loss estimates (default: %(default)s)")
+    a("--eval-batches", type=int, default=4, help="fixed batches per loss estimate (default: %(default)s)")
+    a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps of this run, e.g. for a job time limit; 0 = run to --max-steps")
+    a("--resume", action="store_true", help="continue from OUT/gpt.pt: model, optimizer, step, RNG")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA, and on CPU where measured faster (default: %(default)s)")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Transformer block. Pre-LN (default) trains stably at any depth without tuning the warm-up;
+    post-LN (the paper, following fairseq) normalises after each residual add."""
+
+    def __init__(self, n_embd, n_head, dropout, norm="pre"):
+        super().__init__()
+        self.pre = norm == "pre"
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+
+    def forward(self, x):
+        if self.pre:
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer over [condition, t_0 .. t_{T-2}] -> logits for t_0 .. t_{T-1}.
+
+    The condition embedding table has n_classes + 1 rows: one per class and a last "null class" row
+    used for class dropout and the unconditional branch of classifier-free guidance. With
+    n_classes = 0 the model is unconditional and row 0 is a BOS token."""
+
+    def __init__(self, vocab_size, block_size, n_classes, n_layer, n_embd, n_head, dropout=0.0, norm="pre", tie_embeddings=False):
+        super().__init__()
+        self.vocab_size, self.block_size, self.n_classes = vocab_size, block_size, n_classes
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.cls_emb = nn.Embedding(n_classes + 1, n_embd)
+        self.pos_emb = nn.Embedding(block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, norm) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd) if norm == "pre" else nn.Identity()
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+        if tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self):
+        return self.n_classes  # the last row of cls_emb
+
+    def embed(self, tokens, labels):
+        """[cond, tokens] + positions. tokens [B, L] with L < block_size; labels [B] (None: unconditional)."""
+        B, L = tokens.shape
+        if L >= self.block_size:
+            fail(f"{L} input tokens do not fit the block size {self.block_size}")
+        if labels is None:
+            labels = torch.full((B,), self.null_class, dtype=torch.long, device=tokens.device)
+        x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(tokens)], dim=1)
+        return self.drop(x + self.pos_emb(torch.arange(L + 1, device=tokens.device)))
+
+    def forward(self, tokens, labels=None, return_hidden=False):
+        """logits [B, L+1, V] (position i predicts token i); with return_hidden also the output of
+        every block [n_layer x (B, L+1, C)], which the linear probe reads."""
+        x, hidden = self.embed(tokens, labels), []
+        for block in self.blocks:
+            x = block(x)
+            hidden.append(x)
+        logits = self.head(self.ln_f(x))
+        return (logits, hidden) if return_hidden else logits
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.pos_emb.weight.numel() + self.cls_emb.weight.numel() if non_embedding else 0)
+
+
+def model_args_from(args, vocab_size, block_size, n_classes):
+    m = dict(MODELS[args.model])
+    for key in m:
+        if getattr(args, key) is not None:
+            m[key] = getattr(args, key)
+    if m["n_embd"] % m["n_head"]:
+        fail(f"--n-embd {m['n_embd']} is not divisible by --n-head {m['n_head']}")
+    return dict(vocab_size=vocab_size, block_size=block_size, n_classes=n_classes, dropout=args.dropout,
+                norm=args.norm, tie_embeddings=args.tie_embeddings, **m)
+
+
+def flops_per_token(model_args, n_params):
+    """Training FLOPs per token: 6N for the matmuls with weights, 12 L H Q T for attention (nanoGPT / PaLM)."""
+    L, C, T = model_args["n_layer"], model_args["n_embd"], model_args["block_size"]
+    return 6 * n_params + 12 * L * C * T  # H * Q = C
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU on GPUs; on CPU the peak is measured at start-up.
+GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def device_peak(device, dtype):
+    """(FLOP/s, how it was found) for MFU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s bf16 dense (datasheet)"
+        dtype = dtype or torch.float32
+    peak = matmul_flops(device, dtype or torch.float32)
+    return peak, f"measured {'bf16' if dtype else 'fp32'} matmul on {device}: {peak / 1e9:.0f} GFLOP/s"
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_tokens(out, split):
+    path = os.path.join(out, f"tokens_{split}.pt")
+    if not os.path.exists(path):
+        fail(f"{path} not found: run tokenize_kmeans.py --out {out} first")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_tokens(train, val, path):
+    """The two token files must agree with each other (and the ids with the vocabulary)."""
+    for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
+        if train[key] != val[key]:
+            fail(f"tokens_train.pt and tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
+    h, w = train["grid"]
+    for name, t in (("train", train), ("val", val)):
+        if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:
+            fail(f"tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
+        if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
+            fail(f"tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
+
+
+def batch_indices(step, batch_size, n, seed):
+    """Row indices of the global batch of a step: a fresh permutation each epoch, a pure function of
+    the step, so resuming needs only the step and any number of ranks sees the same global batch."""
+    steps_per_epoch = n // batch_size
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[i * batch_size: (i + 1) * batch_size]
+
+
+def drop_classes(labels, p, null_class, step, seed):
+    """Replace a fraction p of the class labels by the null class (CFG training), seeded by the step."""
+    if p <= 0:
+        return labels
+    g = torch.Generator().manual_seed(seed * 100_003 + 7919 * step + 1)
+    drop = (torch.rand(len(labels), generator=g) < p).to(labels.device)
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def learning_rate(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "inverse-sqrt":
+        return args.lr * math.sqrt(args.warmup_steps / (step + 1))
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weight decay on matrices only (not on biases and LayerNorm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
+
+
+def loss_fn(model, tokens, labels, label_smoothing=0.0):
+    logits = model(tokens[:, :-1], labels)
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, args, dtype, device):
+    """Mean loss on fixed batches (the same ones at every evaluation, so the curve is comparable)."""
+    model.eval()
+    tokens, labels = data
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randperm(len(tokens), generator=g)[: args.eval_batches * args.batch_size]
+    losses = []
+    for chunk in rows.split(args.batch_size):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses.append(loss_fn(model, tokens[chunk], None if labels is None else labels[chunk]).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = init_distributed(args.device)
+    ckpt_path = os.path.join(args.out, "gpt.pt")
+    train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    check_tokens(train, val, args.out)
+    conditional = not args.unconditional and train.get("labels") is not None
+    n_classes = len(train["classes"]) if conditional else 0
+    if conditional and len(train["labels"]) and int(train["labels"].max()) >= n_classes:
+        fail(f"labels go up to {int(train['labels'].max())} but tokens_train.pt names {n_classes} classes")
+    h, w = train["grid"]
+    model_args = model_args_from(args, train["vocab_size"], h * w, n_classes)
+    if args.batch_size % (world * args.grad_accum):
+        fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
+    micro = args.batch_size // (world * args.grad_accum)
+    if len(train["tokens"]) < args.batch_size:
+        fail(f"--batch-size {args.batch_size} is larger than the train set ({len(train['tokens'])} images)")
+
+    torch.manual_seed(args.seed)
+    model = GPT(**model_args).to(device)
+    optimizer = make_optimizer(model, args, device)
+    step, best_val, losses, evals = 0, float("inf"), [], []
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: {ckpt_path} not found")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["model_args"] != model_args:
+            diff = {k: (ckpt["model_args"].get(k), v) for k, v in model_args.items() if ckpt["model_args"].get(k) != v}
+            fail(f"--resume: {ckpt_path} was trained with other model settings (checkpoint vs now): {diff}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val, losses, evals = ckpt["step"], ckpt["best_val"], ckpt["losses"], ckpt["evals"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dtype = autocast_dtype(args.precision, device)
+    tokens = train["tokens"].long().to(device)
+    labels = train["labels"].to(device) if conditional else None
+    val_data = (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
+    train_data = (tokens, labels)
+    n_params = raw.num_params()
+    flops_step = flops_per_token(model_args, n_params) * args.batch_size * h * w
+    peak, peak_note = device_peak(device, dtype)
+    if rank == 0:
+        print(f"GPT {model_args['n_layer']}x{model_args['n_embd']} ({n_params / 1e6:.2f}M parameters), vocab {model_args['vocab_size']}, "
+              f"{h * w} tokens/image, {'class-conditional (' + str(n_classes) + ' classes)' if conditional else 'unconditional'}, "
+              f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}; MFU peak: {peak_note}")
+
+    def checkpoint():
+        save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
+                         config=vars(args), best_val=best_val, losses=losses, evals=evals,
+                         rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None),
+                         vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
+                         encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"]), ckpt_path)
+
+    last_step = args.max_steps if not args.stop_after else min(args.max_steps, step + args.stop_after)
+    bar = tqdm(total=args.max_steps, initial=step, desc="train GPT", unit="step", disable=rank != 0, dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+    while step < last_step:
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = batch_indices(step, args.batch_size, len(tokens), args.seed)
+        y = drop_classes(labels[rows], args.class_dropout, n_classes, step, args.seed) if conditional else None
+        mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's share
+        loss_sum = torch.zeros((), device=device)
+        for a in range(args.grad_accum):
+            part = mine[a * micro: (a + 1) * micro]
+            sync = a == args.grad_accum - 1 or world == 1
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()  # all-reduce grads once per step
+            with ctx, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(model, tokens[rows[part]], None if y is None else y[part], args.label_smoothing)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        step_loss = loss_sum.item()
+        if not math.isfinite(step_loss):
+            fail(f"loss is {step_loss} at step {step}; stopping. The last good checkpoint {ckpt_path} is untouched "
+                 f"(try a lower --lr or --grad-clip)")
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss)
+        tokens_seen += args.batch_size * h * w
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        if rank == 0 and (step % args.eval_interval == 0 or step == last_step):
+            dt = time.perf_counter() - t0
+            tl, vl = estimate_loss(raw, train_data, args, dtype, device), estimate_loss(raw, val_data, args, dtype, device)
+            mfu = flops_step * (tokens_seen / (args.batch_size * h * w)) / dt / peak
+            best_val = min(best_val, vl)
+            evals.append(dict(step=step, train=tl, val=vl))
+            bar.write(f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}, {tokens_seen / dt:,.0f} tokens/s, MFU {100 * mfu:.1f}%")
+            t0, tokens_seen = time.perf_counter(), 0
+        if rank == 0 and (step % args.ckpt_interval == 0 or step == last_step):
+            checkpoint()
+    bar.close()
+    if rank == 0:
+        print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt_path}, best val loss {best_val:.4f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return losses
+
+
+if __name__ == "__main__":
+    main()
