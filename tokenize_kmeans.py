@@ -143,9 +143,10 @@ class ImageFolderNamed(datasets.ImageFolder):
         return self.samples[i][0]
 
 
-def make_dataset(data, split, image_size, cache):
-    """The dataset a token file was made from: data is 'mnist' or an ImageFolder root."""
-    tf = image_transform(image_size)
+def make_dataset(data, split, image_size, cache, transform=None):
+    """The dataset a token file was made from: data is 'mnist' or an ImageFolder root.
+    transform: default = the encoder's (image_transform); later stages pass their own (e.g. pixels)."""
+    tf = transform or image_transform(image_size)
     if data == "mnist":
         return MNIST5k(split, tf, cache)
     root = os.path.join(data, split)
@@ -157,12 +158,14 @@ def make_dataset(data, split, image_size, cache):
         fail(f"no images in {root}: {e}")
 
 
-def dataset_for_tokens(tok, cache=None):
+def dataset_for_tokens(tok, cache=None, transform=None):
     """The images behind a token file, row i of tok['tokens'] = item i (later stages use this)."""
     cache = cache or os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
     d = tok["data"]
-    return Subset(make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"], cache),
-                  d["index"].tolist())
+    if d["name"] not in ("mnist", "imagefolder"):
+        fail(f"the token file was not made from images this code can reload (data: {d['name']})")
+    ds = make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"], cache, transform)
+    return Subset(ds, d["index"].tolist())
 
 
 class SkipBad(Dataset):

@@ -73,17 +73,19 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- the model
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, dropout):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; causal for the GPT, bidirectional for the MaskGIT decoder (stage 2)."""
+
+    def __init__(self, n_embd, n_head, dropout, causal=True):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head, self.dropout, self.causal = n_head, dropout, causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -91,11 +93,11 @@ class Block(nn.Module):
     """Transformer block. Pre-LN (default) trains stably at any depth without tuning the warm-up;
     post-LN (the paper, following fairseq) normalises after each residual add."""
 
-    def __init__(self, n_embd, n_head, dropout, norm="pre"):
+    def __init__(self, n_embd, n_head, dropout, norm="pre", causal=True):
         super().__init__()
         self.pre = norm == "pre"
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
 
     def forward(self, x):

@@ -1,0 +1,475 @@
+"""
+Stage 2 of DiGIT: render DiGIT tokens as pixels (paper Sec. 3.3).
+
+DiGIT tokens say *what* is in each patch, not its exact pixels, so a second model paints them:
+  --stage vq       a small pixel VQ autoencoder (VQGAN-like) whose latent grid equals the DiGIT grid;
+                   its tokens are the "pixel tokens". Writes vq.pt.
+  --stage maskgit  a bidirectional transformer that predicts an image's VQ tokens from its DiGIT
+                   tokens, MaskGIT-style (Chang et al. 2022); the VQ decoder renders them. Writes
+                   decoder.pt and decoder_val.png (rows: original | VQ reconstruction | from DiGIT).
+
+Run (after tokenize_kmeans.py; reads out/tokens_*.pt and the images they came from):
+    python train_decoder.py --stage vq
+    python train_decoder.py --stage maskgit
+    torchrun --nproc_per_node 8 train_decoder.py --stage vq --batch-size 256   # paper scale
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, init_distributed,
+                             load_encoder, save_atomic)
+from train_gpt import MODELS, Block, batch_indices, check_tokens, load_tokens
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--stage", required=True, choices=["vq", "maskgit"], help="which model to train")
+    a("--out", default="out", help="reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt to (default: %(default)s)")
+    a("--pixel-size", type=int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
+    a("--vq-channels", type=int, default=64, help="VQ base channel count (default: %(default)s)")
+    a("--vq-codes", type=int, default=1024, help="VQ codebook size (default: %(default)s)")
+    a("--code-dim", type=int, default=32, help="VQ code dimension (L2-normalised codes) (default: %(default)s)")
+    a("--commit", type=float, default=0.25, help="commitment loss weight beta (default: %(default)s)")
+    a("--perceptual", type=float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
+    a("--perceptual-layer", type=int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
+    a("--restart-interval", type=int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
+    a("--model", default="tiny", choices=list(MODELS), help="MaskGIT transformer size (default: %(default)s)")
+    a("--n-layer", type=int, help="override the MaskGIT preset's layer count")
+    a("--n-embd", type=int, help="override the MaskGIT preset's width")
+    a("--n-head", type=int, help="override the MaskGIT preset's head count")
+    a("--decode-steps", type=int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
+    a("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
+    a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
+    a("--lr", type=float, default=None, help="learning rate (default: 2e-4 for vq, 5e-4 for maskgit)")
+    a("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    a("--eval-interval", type=int, default=500, help="steps between val evaluations (default: %(default)s)")
+    a("--eval-images", type=int, default=256, help="val images per evaluation (default: %(default)s)")
+    a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--resume", action="store_true", help="continue this stage from its checkpoint")
+    a("--workers", type=int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
+    a("--preload-gb", type=float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA / fast CPUs (default: %(default)s)")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = p.parse_args(argv)
+    args.lr = args.lr or (2e-4 if args.stage == "vq" else 5e-4)
+    return args
+
+
+# ----------------------------------------------------------------------------- data: images paired with their DiGIT tokens
+
+class ImagesWithTokens(Dataset):
+    """Item i: (uint8 image [3, S, S], DiGIT tokens [h*w], label) of row i of a token file."""
+
+    def __init__(self, tok, pixel_size):
+        tf = transforms.Compose([transforms.Resize(pixel_size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                 transforms.CenterCrop(pixel_size), transforms.PILToTensor()])
+        self.images, self.tok = dataset_for_tokens(tok, transform=tf), tok
+        self.cached = None
+
+    def preload(self, workers, max_gb, desc):
+        """Decode every image once into one uint8 tensor when that is small (the demo): no loader later."""
+        n, (c, s, _) = len(self), self.images[0][0].shape
+        if n * c * s * s > max_gb * 1e9:
+            return self
+        loader = DataLoader(self.images, batch_size=256, num_workers=workers)
+        self.cached = torch.cat([x for x, _ in tqdm(loader, desc=f"load {desc} images", leave=False)])
+        return self
+
+    def __len__(self):
+        return len(self.tok["tokens"])
+
+    def __getitem__(self, i):
+        img = self.cached[i] if self.cached is not None else self.images[i][0]
+        label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
+        return img, self.tok["tokens"][i].long(), label
+
+
+class StepSampler(Sampler):
+    """This rank's share of the global batch of every step from `start` on (see train_gpt.batch_indices):
+    resumable from the step alone, and the same global batches for any number of ranks."""
+
+    def __init__(self, n, batch_size, seed, start, rank, world):
+        self.n, self.batch_size, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
+
+    def __iter__(self):
+        step, share = self.start, self.batch_size // self.world
+        while True:
+            yield from batch_indices(step, self.batch_size, self.n, self.seed)[self.rank * share: (self.rank + 1) * share].tolist()
+            step += 1
+
+    def __len__(self):
+        return 2 ** 62
+
+
+def to_unit(x):
+    """uint8 [0, 255] -> float [-1, 1], the VQ model's pixel range."""
+    return x.float() / 127.5 - 1
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio (dB) per image of two [-1, 1] batches, measured on [0, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+# ----------------------------------------------------------------------------- part 1: the pixel VQ autoencoder
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(min(32, c_in // 4), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                  nn.GroupNorm(min(32, c_out // 4), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+class VQModel(nn.Module):
+    """Conv encoder (levels x stride-2) -> L2-normalised vector quantizer -> conv decoder (VQGAN-like, small).
+
+    Codes and encoder outputs live on the unit sphere (as ViT-VQGAN, Yu et al. 2022): the lookup is a
+    cosine similarity and every code stays in use far more easily than with raw Euclidean codes."""
+
+    def __init__(self, levels, channels=64, codes=1024, code_dim=32):
+        super().__init__()
+        chs = [channels * m for m in (1, 2, 2, 4, 4)[: levels + 1]]
+        enc = [nn.Conv2d(3, chs[0], 3, padding=1)]
+        for i in range(levels):
+            enc += [ResBlock(chs[i], chs[i + 1]), nn.Conv2d(chs[i + 1], chs[i + 1], 4, stride=2, padding=1)]
+        enc += [ResBlock(chs[-1], chs[-1]), nn.GroupNorm(32 if chs[-1] >= 128 else 8, chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], code_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+        self.codebook = nn.Embedding(codes, code_dim)
+        dec = [nn.Conv2d(code_dim, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
+        for i in reversed(range(levels)):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chs[i + 1], chs[i + 1], 3, padding=1), ResBlock(chs[i + 1], chs[i])]
+        dec += [nn.GroupNorm(8, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 3, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def codes(self):
+        return F.normalize(self.codebook.weight, dim=1)
+
+    def quantize(self, z):
+        """z [B, D, h, w] -> (quantized with straight-through gradient, ids [B, h*w], VQ loss terms)."""
+        B, D, h, w = z.shape
+        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=1)
+        e = self.codes()
+        ids = (z @ e.t()).argmax(1)  # nearest on the sphere = largest cosine
+        q = e[ids]
+        codebook_loss, commit_loss = F.mse_loss(q, z.detach()), F.mse_loss(z, q.detach())
+        q = z + (q - z).detach()  # straight-through: the decoder's gradient flows to the encoder unchanged
+        return q.view(B, h, w, D).permute(0, 3, 1, 2), ids.view(B, h * w), codebook_loss, commit_loss, z
+
+    def forward(self, x):
+        q, ids, cb, cm, z = self.quantize(self.encoder(x))
+        return self.decoder(q), ids, cb, cm, z
+
+
+def vq_encode(vq, images):
+    """Images [B, 3, S, S] in [-1, 1] -> VQ token ids [B, h*w] (raster order)."""
+    return vq.quantize(vq.encoder(images))[1]
+
+
+def vq_decode(vq, ids, grid):
+    """VQ token ids [B, h*w] -> images [B, 3, S, S] in [-1, 1]."""
+    h, w = grid
+    q = vq.codes()[ids].view(len(ids), h, w, -1).permute(0, 3, 1, 2)
+    return vq.decoder(q).clamp(-1, 1)
+
+
+class DinoFeatures(nn.Module):
+    """Perceptual loss that works offline: distance between frozen DINOv2 features of two images
+    (an early block, where features still describe local appearance)."""
+
+    def __init__(self, encoder, layer):
+        super().__init__()
+        self.vit, self.layer = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))), layer - 1
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 2 - 1)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 2)
+
+    def features(self, x):
+        side = max(56, x.shape[-1] // 14 * 14)
+        x = F.interpolate((x - self.mean) / self.std, size=(side, side), mode="bilinear", align_corners=False)
+        return self.vit.get_intermediate_layers(x, [self.layer], norm=False)[0]
+
+    def forward(self, a, b):
+        with torch.no_grad():
+            fb = self.features(b)
+        return F.mse_loss(self.features(a), fb)
+
+
+# ----------------------------------------------------------------------------- part 2: the MaskGIT-style decoder
+
+class MaskGIT(nn.Module):
+    """Bidirectional transformer over [DiGIT tokens (always visible), VQ tokens (some = [MASK])]
+    -> logits of the VQ tokens. Blocks are train_gpt.Block with causal=False."""
+
+    def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0):
+        super().__init__()
+        self.length, self.mask_id = length, vq_codes
+        self.digit_emb = nn.Embedding(digit_vocab, n_embd)
+        self.vq_emb = nn.Embedding(vq_codes + 1, n_embd)  # + [MASK]
+        self.pos_emb = nn.Embedding(2 * length, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, "pre", causal=False) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vq_codes)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, digit, vq):
+        x = torch.cat([self.digit_emb(digit), self.vq_emb(vq)], dim=1) + self.pos_emb.weight
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, self.length:]))
+
+
+def mask_count(u, length):
+    """MaskGIT's cosine schedule: ceil(cos(u * pi / 2) * L) tokens masked for u in [0, 1), at least 1."""
+    return torch.ceil(torch.cos(u * math.pi / 2) * length).long().clamp(1, length)
+
+
+def random_mask(batch, length, gen=None, device="cpu"):
+    """A boolean mask [B, L] with a cosine-schedule number of random positions per row."""
+    n = mask_count(torch.rand(batch, generator=gen), length)
+    order = torch.rand(batch, length, generator=gen).argsort(1).argsort(1)  # a random rank per position
+    return (order < n[:, None]).to(device)
+
+
+@torch.no_grad()
+def decode(model, digit, steps=8, temperature=1.0, noise=4.5, vq=None, gen=None):
+    """MaskGIT decoding: start from all [MASK] (or the given vq with some [MASK]s); at each step t
+    predict every position, sample, keep the most confident (log-prob + Gumbel noise of temperature
+    noise * (1 - t/T)) and re-mask the rest along the cosine schedule. Known tokens never change and
+    every position is filled after `steps` steps."""
+    B, L = digit.shape
+    vq = torch.full((B, L), model.mask_id, device=digit.device) if vq is None else vq.clone()
+    for t in range(steps):
+        unknown = vq == model.mask_id
+        if not unknown.any():
+            break
+        logp = F.log_softmax(model(digit, vq).float() / temperature, dim=-1)
+        sampled = torch.multinomial(logp.exp().flatten(0, 1), 1, generator=gen).view(B, L).to(vq.device)
+        sampled = torch.where(unknown, sampled, vq)
+        gumbel = -torch.log(-torch.log(torch.rand(B, L, generator=gen).clamp(1e-20, 1 - 1e-7))).to(vq.device)
+        conf = logp.gather(-1, sampled[..., None]).squeeze(-1) + noise * (1 - (t + 1) / steps) * gumbel
+        conf = torch.where(unknown, conf, torch.full_like(conf, float("inf")))
+        # how many stay masked after this step: the schedule, but always at least one fewer than now
+        n_next = int(math.floor(math.cos(math.pi / 2 * (t + 1) / steps) * L)) if t < steps - 1 else 0
+        n_next = torch.minimum(torch.full((B,), n_next, device=vq.device), unknown.sum(1) - 1).clamp_min(0)
+        rank = conf.argsort(1).argsort(1)  # 0 = least confident
+        vq = torch.where(rank < n_next[:, None], torch.full_like(sampled, model.mask_id), sampled)
+    return vq
+
+
+# ----------------------------------------------------------------------------- training (shared by both stages)
+
+def default_pixel_size(grid):
+    return 256 if grid[0] >= 16 else 4 * grid[0]  # the demo: 8x8 tokens, 32 px (MNIST digits are 28 px)
+
+
+def vq_levels(pixel_size, grid):
+    levels = math.log2(pixel_size / grid[0]) if pixel_size % grid[0] == 0 else -1
+    if levels != int(levels) or levels < 1 or grid[0] != grid[1]:
+        fail(f"--pixel-size {pixel_size} is not a power-of-two multiple of the DiGIT grid {grid[0]}x{grid[1]}")
+    return int(levels)
+
+
+def load_vq(path, device):
+    if not os.path.exists(path):
+        fail(f"{path} not found: run train_decoder.py --stage vq first")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    vq = VQModel(**ck["model_args"]).to(device)
+    vq.load_state_dict(ck["model"])
+    return vq.eval().requires_grad_(False), ck
+
+
+def load_decoder(path, device):
+    if not os.path.exists(path):
+        fail(f"{path} not found: run train_decoder.py --stage maskgit first")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model = MaskGIT(**ck["model_args"]).to(device)
+    model.load_state_dict(ck["model"])
+    return model.eval().requires_grad_(False), ck
+
+
+def evaluate_vq(vq, val, args, device, dtype):
+    """Val PSNR of the reconstructions and codebook usage (codes used, perplexity)."""
+    vq.eval()
+    psnrs, ids = [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for x, _, _ in DataLoader(torch.utils.data.Subset(val, range(min(len(val), args.eval_images))), batch_size=64):
+            x = to_unit(x.to(device))
+            rec, i, *_ = vq(x)
+            psnrs.append(psnr(rec.float(), x))
+            ids.append(i.flatten())
+    vq.train()
+    counts = torch.bincount(torch.cat(ids), minlength=vq.codebook.num_embeddings).float()
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    return dict(psnr=float(torch.cat(psnrs).mean()), codes_used=int((counts > 0).sum()), perplexity=perplexity)
+
+
+def evaluate_maskgit(model, vq, val, grid, args, device, dtype, png=None):
+    """VQ-token accuracy of decode() from the real DiGIT tokens, and PSNR of the rendered pixels."""
+    model.eval()
+    acc, psnrs, rows = [], [], None
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for x, digit, _ in DataLoader(torch.utils.data.Subset(val, range(min(len(val), args.eval_images))), batch_size=64):
+            x, digit = to_unit(x.to(device)), digit.to(device)
+            target = vq_encode(vq, x)
+            pred = decode(model, digit, args.decode_steps, gen=gen)
+            rendered = vq_decode(vq, pred, grid).float()
+            acc.append((pred == target).float().mean(1))
+            psnrs.append(psnr(rendered, x))
+            if rows is None:
+                rows = torch.cat([x[:8], vq_decode(vq, target, grid).float()[:8], rendered[:8]])
+    model.train()
+    if png:
+        save_image(make_grid(rows, nrow=min(8, len(rows) // 3), normalize=True, value_range=(-1, 1)), png)
+    return dict(vq_token_acc=float(torch.cat(acc).mean()), psnr=float(torch.cat(psnrs).mean()))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = init_distributed(args.device)
+    train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    check_tokens(train_tok, val_tok, args.out)
+    grid = tuple(train_tok["grid"])
+    dtype = autocast_dtype(args.precision, device)
+    torch.manual_seed(args.seed)
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+
+    if args.stage == "vq":
+        pixel_size = args.pixel_size or default_pixel_size(grid)
+        model_args = dict(levels=vq_levels(pixel_size, grid), channels=args.vq_channels, codes=args.vq_codes, code_dim=args.code_dim)
+        model = VQModel(**model_args).to(device)
+        ckpt_path = os.path.join(args.out, "vq.pt")
+        perceptual = DinoFeatures(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
+    else:
+        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
+        if tuple(vq_ck["grid"]) != grid:
+            fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
+        pixel_size = vq_ck["pixel_size"]
+        size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
+        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
+        model = MaskGIT(**model_args).to(device)
+        ckpt_path = os.path.join(args.out, "decoder.pt")
+
+    train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
+    val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95 if args.stage == "maskgit" else 0.99),
+                                  weight_decay=0.05 if args.stage == "maskgit" else 0.0)
+    step, history = 0, []
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: {ckpt_path} not found")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ck["model_args"] != model_args:
+            fail(f"--resume: {ckpt_path} has model settings {ck['model_args']}, now {model_args}")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step, history = ck["step"], ck["history"]
+        torch.set_rng_state(ck["rng"])
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        n = sum(p.numel() for p in raw.parameters())
+        print(f"stage {args.stage}: {n / 1e6:.2f}M parameters, {pixel_size}px images, DiGIT grid {grid[0]}x{grid[1]}, "
+              f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}")
+
+    def checkpoint(metrics):
+        extra = dict(pixel_size=pixel_size, grid=grid, digit_vocab=train_tok["vocab_size"], encoder=train_tok["encoder"],
+                     layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics)
+        save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
+                         config=vars(args), history=history, rng=torch.get_rng_state(), **extra), ckpt_path)
+
+    loader = DataLoader(train, batch_size=args.batch_size // world, num_workers=0 if train.cached is not None else args.workers,
+                        sampler=StepSampler(len(train), args.batch_size, args.seed, step, rank, world))
+    usage = torch.zeros(args.vq_codes, device=device)
+    bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.stage}", unit="step", disable=rank != 0, dynamic_ncols=True)
+    metrics = {}
+    for x, digit, _ in loader:
+        if step >= args.max_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        x, digit = to_unit(x.to(device)), digit.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if args.stage == "vq":
+                rec, ids, cb_loss, commit_loss, z = model(x)
+                rec_loss = F.mse_loss(rec.float(), x)
+                loss = rec_loss + cb_loss + args.commit * commit_loss
+                if perceptual is not None:
+                    loss = loss + args.perceptual * perceptual(rec.float(), x)
+                usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=device))
+            else:
+                with torch.no_grad():
+                    target = vq_encode(vq, x)
+                mask = random_mask(len(x), target.shape[1], device=device)
+                logits = model(digit, torch.where(mask, torch.full_like(target, raw.mask_id), target))
+                loss = F.cross_entropy(logits[mask].float(), target[mask])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append(loss.item())
+        if not math.isfinite(history[-1]):
+            fail(f"loss is {history[-1]} at step {step}; the last good checkpoint {ckpt_path} is untouched")
+        if args.stage == "vq" and step % args.restart_interval == 0:
+            restart_dead_codes(raw, usage, z.detach())
+            usage.zero_()
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if rank == 0 and (step % args.eval_interval == 0 or step == args.max_steps):
+            if args.stage == "vq":
+                metrics = evaluate_vq(raw, val, args, device, dtype)
+                bar.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codes used {metrics['codes_used']}/{args.vq_codes}, "
+                          f"perplexity {metrics['perplexity']:.0f}")
+            else:
+                png = os.path.join(args.out, "decoder_val.png")
+                metrics = evaluate_maskgit(raw, vq, val, grid, args, device, dtype, png)
+                bar.write(f"step {step}: val VQ-token accuracy {metrics['vq_token_acc']:.3f}, PSNR from DiGIT tokens "
+                          f"{metrics['psnr']:.2f} dB -> {png}")
+        if rank == 0 and (step % args.ckpt_interval == 0 or step == args.max_steps):
+            checkpoint(metrics)
+    bar.close()
+    if rank == 0:
+        print(f"done at step {step}: {ckpt_path} {metrics}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+def restart_dead_codes(vq, usage, z):
+    """Codes no encoder output picked since the last restart move onto random current encoder outputs."""
+    if dist.is_initialized():
+        dist.all_reduce(usage)
+        dist.broadcast(z, 0)  # every rank restarts the same codes to the same vectors
+    dead = torch.nonzero(usage == 0).flatten()
+    if len(dead):
+        pick = torch.randint(len(z), (len(dead),), device=z.device)
+        with torch.no_grad():
+            vq.codebook.weight[dead] = z[pick].to(vq.codebook.weight.dtype)
+
+
+if __name__ == "__main__":
+    main()
