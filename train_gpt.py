@@ -82,10 +82,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x):
+    def forward(self, x, kv=None, pos=0):
+        """kv: this layer's (keys, values) cache [B, H, block_size, Q] for sampling; x holds the tokens
+        at positions pos .. pos+T-1, whose keys/values are written into it before attending."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
+        causal = self.causal
+        if kv is not None:
+            kv[0][:, :, pos: pos + T], kv[1][:, :, pos: pos + T] = k, v
+            k, v = kv[0][:, :, : pos + T], kv[1][:, :, : pos + T]
+            if pos and T > 1:
+                raise ValueError("the cache takes a prefix at position 0, then one token at a time")
+            causal = causal and T > 1  # one new token may see every cached one
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -100,11 +109,11 @@ class Block(nn.Module):
         self.attn = SelfAttention(n_embd, n_head, dropout, causal)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
 
-    def forward(self, x):
+    def forward(self, x, kv=None, pos=0):
         if self.pre:
-            x = x + self.attn(self.ln1(x))
+            x = x + self.attn(self.ln1(x), kv, pos)
             return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x))
+        x = self.ln1(x + self.attn(x, kv, pos))
         return self.ln2(x + self.mlp(x))
 
 
@@ -153,19 +162,41 @@ class GPT(nn.Module):
         x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(tokens)], dim=1)
         return self.drop(x + self.pos_emb(torch.arange(L + 1, device=tokens.device)))
 
-    def forward(self, tokens, labels=None, return_hidden=False):
+    def forward(self, tokens, labels=None, return_hidden=False, cache=None):
         """logits [B, L+1, V] (position i predicts token i); with return_hidden also the output of
-        every block [n_layer x (B, L+1, C)], which the linear probe reads."""
-        x, hidden = self.embed(tokens, labels), []
-        for block in self.blocks:
-            x = block(x)
+        every block [n_layer x (B, L+1, C)], which the linear probe reads.
+
+        cache (a KVCache, for sampling): the first call embeds [cond, tokens] from position 0, later
+        calls take only the next token ([B, 1]) and return its logits [B, 1, V]."""
+        if cache is None or cache.pos == 0:
+            x = self.embed(tokens, labels)
+        else:
+            x = self.drop(self.tok_emb(tokens) + self.pos_emb(torch.arange(cache.pos, cache.pos + tokens.shape[1], device=tokens.device)))
+        pos, hidden = (cache.pos if cache is not None else 0), []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.layers[i] if cache is not None else None, pos)
             hidden.append(x)
+        if cache is not None:
+            cache.pos += x.shape[1]
         logits = self.head(self.ln_f(x))
         return (logits, hidden) if return_hidden else logits
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - (self.pos_emb.weight.numel() + self.cls_emb.weight.numel() if non_embedding else 0)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for a whole sequence: each sampling step then
+    computes only the newest token instead of re-running the prefix."""
+
+    def __init__(self, model, batch_size, dtype=torch.float32):
+        attn = model.blocks[0].attn
+        shape = (batch_size, attn.n_head, model.block_size, attn.qkv.in_features // attn.n_head)
+        device = attn.qkv.weight.device
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in model.blocks]
+        self.pos = 0
 
 
 def model_args_from(args, vocab_size, block_size, n_classes):

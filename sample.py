@@ -1,0 +1,196 @@
+"""
+Generate images with DiGIT: GPT samples DiGIT tokens (KV cache, top-k/top-p, classifier-free
+guidance), the MaskGIT decoder turns them into VQ tokens, the VQ decoder paints pixels.
+
+Run (reads out/gpt.pt, out/decoder.pt, out/vq.pt; writes out/samples/):
+    python sample.py --class 7                       # 8 samples of class 7
+    python sample.py --class 1,7,9 --num-samples 4   # one row per class
+    python sample.py --class 207 --cfg-scale 4 --top-k 300 --out out_imagenet
+    python sample.py                                 # unconditional (or random classes)
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from tokenize_kmeans import fail, save_atomic
+from train_decoder import decode, load_decoder, load_vq, vq_decode
+from train_gpt import GPT, KVCache
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="out", help="reads gpt.pt, decoder.pt, vq.pt from here (default: %(default)s)")
+    a("--samples-dir", default=None, help="where images go (default: OUT/samples)")
+    a("--class", dest="classes", default=None, help="class index or name, or several: 1,7,9 (one row each)")
+    a("--num-samples", type=int, default=8, help="images per class (default: %(default)s)")
+    a("--batch-size", type=int, default=64, help="images generated at once (default: %(default)s)")
+    a("--temperature", type=float, default=1.0, help="softmax temperature (default: %(default)s)")
+    a("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
+    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
+    a("--decode-steps", type=int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
+    a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
+    a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
+    a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def load_gpt(path, device):
+    if not os.path.exists(path):
+        fail(f"{path} not found: run train_gpt.py first")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(**ck["model_args"]).to(device)
+    model.load_state_dict(ck["model"])
+    return model.eval().requires_grad_(False), ck
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top-k tokens and/or the smallest set whose probability reaches top_p; the rest -> -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus (the top one always stays)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, labels, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, gen=None, use_cache=True, progress=False):
+    """DiGIT tokens [B, T] for class labels [B] (None: unconditional), one token per step.
+
+    With cfg_scale != 1 the conditional rows and their null-class twins run as one batch of 2B and
+    the logits are mixed as uncond + s * (cond - uncond) (Ho & Salimans 2022)."""
+    B, T = len(labels) if labels is not None else 1, model.block_size
+    device = model.tok_emb.weight.device
+    cond = labels if labels is not None else torch.full((B,), model.null_class, device=device)
+    guided = cfg_scale != 1.0 and labels is not None
+    rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
+    cache = KVCache(model, len(rows)) if use_cache else None
+    tokens = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+    for t in tqdm(range(T), desc="tokens", unit="tok", leave=False, disable=not progress):
+        inp = tokens if (cache is None or t == 0) else tokens[:, -1:]
+        logits = model(inp, rows, cache=cache)[:, -1].float()
+        if guided:
+            c, u = logits.chunk(2)
+            logits = u + cfg_scale * (c - u)
+        logits = filter_logits(logits / temperature, top_k, top_p)
+        nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).to(device)
+        if guided:
+            nxt = nxt.repeat(2, 1)
+        tokens = torch.cat([tokens, nxt], dim=1)
+    return tokens[:B]
+
+
+def parse_classes(spec, classes):
+    """'7' / 'tench' / '1,7,9' -> list of class indices, checked against the model's classes."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item.lstrip("-").isdigit():
+            idx = int(item)
+            if not 0 <= idx < len(classes):
+                fail(f"class {idx} is out of range: the model knows {len(classes)} classes (0..{len(classes) - 1})")
+        elif item in classes:
+            idx = classes.index(item)
+        else:
+            fail(f"unknown class {item!r}: use an index 0..{len(classes) - 1} or a name like {classes[0]!r}")
+        out.append(idx)
+    return out
+
+
+def token_picture(tokens, grid, size, vocab):
+    """Paint each token id as a fixed pseudo-random colour, upsampled to the image size."""
+    palette = torch.rand(vocab, 3, generator=torch.Generator().manual_seed(0))
+    img = palette[tokens.cpu()].view(len(tokens), grid[0], grid[1], 3).permute(0, 3, 1, 2)
+    return F.interpolate(img, size=(size, size), mode="nearest") * 2 - 1
+
+
+def check_fit(gpt_ck, dec_ck, vq_ck, out):
+    """The three checkpoints must describe the same tokens and grids; name both files on a mismatch."""
+    pairs = [("gpt.pt", "vocab_size", gpt_ck["vocab_size"], "decoder.pt", "digit_vocab", dec_ck["digit_vocab"]),
+             ("gpt.pt", "grid", tuple(gpt_ck["grid"]), "decoder.pt", "grid", tuple(dec_ck["grid"])),
+             ("gpt.pt", "encoder", gpt_ck["encoder"], "decoder.pt", "encoder", dec_ck["encoder"]),
+             ("decoder.pt", "vq codes", dec_ck["model_args"]["vq_codes"], "vq.pt", "codes", vq_ck["model_args"]["codes"]),
+             ("decoder.pt", "grid", tuple(dec_ck["grid"]), "vq.pt", "grid", tuple(vq_ck["grid"]))]
+    for f1, k1, v1, f2, k2, v2 in pairs:
+        if v1 != v2:
+            fail(f"{out}/{f1} ({k1} {v1}) does not fit {out}/{f2} ({k2} {v2}): they were trained on different tokens")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
+    classes = gpt_ck["classes"]
+    if not args.tokens_only:
+        dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
+        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
+        check_fit(gpt_ck, dec_ck, vq_ck, args.out)
+    if args.classes is not None and gpt.n_classes == 0:
+        fail("--class given, but gpt.pt is an unconditional model (trained with --unconditional or without labels)")
+    if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0:
+        print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed)
+    if gpt.n_classes == 0:
+        rows, note = [None], "unconditional"
+    elif args.classes is None:
+        rows = torch.randint(gpt.n_classes, (1,), generator=gen).tolist()
+        note = f"no --class given: a random class ({classes[rows[0]]})"
+    else:
+        rows = parse_classes(args.classes, classes)
+        note = "classes " + ", ".join(f"{c} ({classes[c]})" for c in rows)
+    print(f"sampling {args.num_samples} per row, {note}; temperature {args.temperature}, top-k {args.top_k}, "
+          f"top-p {args.top_p}, cfg {args.cfg_scale}, {'no ' if args.no_cache else ''}KV cache")
+
+    labels = None if rows == [None] else torch.tensor(rows, device=device).repeat_interleave(args.num_samples)
+    n = args.num_samples * len(rows)
+    tokens = []
+    for s in tqdm(range(0, n, args.batch_size), desc="batches", unit="batch"):
+        lab = None if labels is None else labels[s: s + args.batch_size]
+        b = min(args.batch_size, n - s)
+        if lab is None:  # unconditional: generate() takes the batch size from the null-class rows
+            lab_rows = torch.full((b,), gpt.null_class, device=device)
+            tokens.append(generate(gpt, lab_rows, args.temperature, args.top_k, args.top_p, 1.0, gen, not args.no_cache, True))
+        else:
+            tokens.append(generate(gpt, lab, args.temperature, args.top_k, args.top_p, args.cfg_scale, gen, not args.no_cache, True))
+    tokens = torch.cat(tokens)
+    folder = args.samples_dir or os.path.join(args.out, "samples")
+    os.makedirs(folder, exist_ok=True)
+    save_atomic(dict(tokens=tokens.cpu(), labels=None if labels is None else labels.cpu(), grid=gpt_ck["grid"],
+                     vocab_size=gpt_ck["vocab_size"], classes=classes, config=vars(args)), os.path.join(folder, "tokens.pt"))
+    print(f"tokens [{n}, {tokens.shape[1]}] -> {folder}/tokens.pt")
+    if args.tokens_only:
+        return tokens, None
+    images = []
+    with torch.no_grad():
+        for s in tqdm(range(0, n, args.batch_size), desc="render", unit="batch"):
+            vq_ids = decode(dec, tokens[s: s + args.batch_size], args.decode_steps, gen=gen)
+            images.append(vq_decode(vq, vq_ids, tuple(vq_ck["grid"])).float().cpu())
+    images = torch.cat(images)
+    grid_png = os.path.join(folder, "grid.png")
+    save_image(make_grid(images, nrow=args.num_samples, normalize=True, value_range=(-1, 1), padding=2), grid_png)
+    for i, img in enumerate(images):
+        tag = "uncond" if labels is None else f"class{int(labels[i])}"
+        save_image(img, os.path.join(folder, f"{i:05d}_{tag}.png"), normalize=True, value_range=(-1, 1))
+    print(f"{n} images -> {grid_png} (and {folder}/NNNNN_*.png)")
+    if args.show_tokens:
+        pic = token_picture(tokens, tuple(gpt_ck["grid"]), images.shape[-1], gpt_ck["vocab_size"])
+        save_image(make_grid(torch.cat([pic, images]), nrow=args.num_samples, normalize=True, value_range=(-1, 1)),
+                   os.path.join(folder, "tokens.png"))
+        print(f"token picture (top: token ids as colours, bottom: images) -> {folder}/tokens.png")
+    return tokens, images
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""sample.py: the KV cache changes nothing but speed, CFG and top-k behave, the CLI checks its inputs."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from sample import filter_logits, generate
+from train_decoder import MaskGIT, VQModel
+from train_gpt import GPT
+
+GRID, VOCAB, CLASSES = (3, 3), 20, ["zero", "one", "two"]
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(vocab_size=VOCAB, block_size=9, n_classes=3, n_layer=2, n_embd=32, n_head=4).eval()
+
+
+def test_cached_equals_uncached_greedy_and_sampled():
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2, 3])  # 3 = null class
+    for kw in (dict(top_k=1), dict(temperature=1.0), dict(top_p=0.9, cfg_scale=2.0)):
+        a = generate(model, labels, gen=torch.Generator().manual_seed(5), use_cache=True, **kw)
+        b = generate(model, labels, gen=torch.Generator().manual_seed(5), use_cache=False, **kw)
+        assert a.shape == (4, 9) and torch.equal(a, b), kw
+
+
+def test_cache_logits_match_full_forward():
+    from train_gpt import KVCache
+    model = tiny_gpt()
+    x, y = torch.randint(VOCAB, (2, 8)), torch.tensor([0, 2])
+    full = model(x, y)
+    cache = KVCache(model, 2)
+    steps = [model(x[:, :0], y, cache=cache)[:, -1]] + [model(x[:, t: t + 1], y, cache=cache)[:, -1] for t in range(8)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2])
+    a = generate(model, labels, top_k=1, gen=torch.Generator().manual_seed(1))
+    # greedy by hand: argmax of the full forward at every step
+    x = torch.zeros(3, 0, dtype=torch.long)
+    for _ in range(9):
+        x = torch.cat([x, model(x, labels)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(a, x)
+
+
+def test_cfg_scale_one_is_plain_conditional():
+    model = tiny_gpt()
+    model.cls_emb.weight.data *= 100  # a random model barely looks at its class; make the class matter
+    labels = torch.tensor([1, 2])
+    a = generate(model, labels, cfg_scale=1.0, gen=torch.Generator().manual_seed(3))
+    b = generate(model, labels, gen=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    c = generate(model, labels, cfg_scale=5.0, gen=torch.Generator().manual_seed(3))
+    assert not torch.equal(a, c)  # guidance does change the samples
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """gpt.pt, decoder.pt, vq.pt of tiny random models, in the format the training scripts write."""
+    out = tmp_path_factory.mktemp("ckpt")
+    common = dict(grid=GRID, encoder="dinov2_vits14_offline", step=0, optimizer={}, config={"class_dropout": 0.1})
+    gpt_args = dict(vocab_size=VOCAB, block_size=9, n_classes=3, n_layer=2, n_embd=32, n_head=4)
+    torch.save(dict(model=GPT(**gpt_args).state_dict(), model_args=gpt_args, vocab_size=VOCAB, classes=CLASSES, **common), out / "gpt.pt")
+    vq_args = dict(levels=2, channels=16, codes=16, code_dim=8)
+    torch.save(dict(model=VQModel(**vq_args).state_dict(), model_args=vq_args, pixel_size=12, **common), out / "vq.pt")
+    dec_args = dict(digit_vocab=VOCAB, vq_codes=16, length=9, n_layer=1, n_embd=32, n_head=2)
+    torch.save(dict(model=MaskGIT(**dec_args).state_dict(), model_args=dec_args, digit_vocab=VOCAB, **common), out / "decoder.pt")
+    return out
+
+
+def test_cli_writes_grid_singles_and_tokens(checkpoints, tmp_path):
+    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path, "--class", "one,2", "--num-samples", "3",
+               "--top-k", "5", "--cfg-scale", "2", "--show-tokens")
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 + 3 * (12 + 2), 2 + 2 * (12 + 2))  # make_grid: 3 columns x 2 rows of 12 px, padding 2
+    assert len([f for f in os.listdir(tmp_path) if f.endswith("_class1.png")]) == 3
+    tok = torch.load(tmp_path / "tokens.pt", weights_only=True)
+    assert tok["tokens"].shape == (6, 9) and tok["labels"].tolist() == [1, 1, 1, 2, 2, 2]
+    assert (tmp_path / "tokens.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class", "3"], "class 3 is out of range"),
+    (["--class", "seven"], "unknown class 'seven'"),
+])
+def test_cli_bad_classes(checkpoints, tmp_path, args, message):
+    p = run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path, *args, check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_mismatched_and_missing_files(checkpoints, tmp_path):
+    for f in ("gpt.pt", "vq.pt"):
+        os.link(checkpoints / f, tmp_path / f)
+    p = run_script("sample.py", "--out", tmp_path, check=False)
+    assert p.returncode != 0 and "decoder.pt not found" in p.stderr
+    dec = torch.load(checkpoints / "decoder.pt", weights_only=True)
+    dec["digit_vocab"] = 99
+    torch.save(dec, tmp_path / "decoder.pt")
+    p = run_script("sample.py", "--out", tmp_path, check=False)
+    assert p.returncode != 0 and "gpt.pt (vocab_size 20) does not fit" in p.stderr and "decoder.pt (digit_vocab 99)" in p.stderr
+
+
+def test_cli_class_on_unconditional_model(checkpoints, tmp_path):
+    gpt = torch.load(checkpoints / "gpt.pt", weights_only=True)
+    args = dict(gpt["model_args"], n_classes=0)
+    gpt.update(model=GPT(**args).state_dict(), model_args=args, classes=[])
+    torch.save(gpt, tmp_path / "gpt.pt")
+    p = run_script("sample.py", "--out", tmp_path, "--class", "1", "--tokens-only", check=False)
+    assert p.returncode != 0 and "unconditional model" in p.stderr
+    p = run_script("sample.py", "--out", tmp_path, "--tokens-only", "--num-samples", "2")
+    assert "unconditional" in p.stdout
