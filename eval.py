@@ -1,0 +1,333 @@
+"""
+Evaluate DiGIT: generative scores of samples, and the paper's latent-stability experiment (Table 1).
+
+Generative scores of a folder of sample PNGs (sample.py's output) against the real val images, in
+the feature space of a DINOv2 encoder (offline ViT-S/14 by default):
+  - FD_DINOv2: Frechet distance of DINOv2 CLS features (Stein et al. 2023); the same formula as FID.
+  - classifier score: exp(E KL(p(y|x) || p(y))) with a linear classifier on DINOv2 features trained
+    on the real train set. It has the form of the Inception Score but is NOT the Inception Score.
+    Also: how often that classifier agrees with the class a sample was generated for.
+  - precision / recall of k-NN manifolds (Kynkaanniemi et al. 2019).
+Inception-based FID/IS are not implemented here (they need the FID Inception weights download).
+
+Latent stability (--stability): Gaussian noise at SNR 30 ... 0.01 dB is added to val images, and for
+both tokenizers (the pixel VQ of vq.pt and DiGIT's K-means on DINOv2, codebook.pt) we report the
+fraction of tokens that change and the cosine similarity between clean and noisy latent features.
+
+Run (reads out/; writes out/eval.md, out/eval.json, out/stability.png; --report also out/report.md):
+    python eval.py --samples out/samples --stability --report
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from tqdm import tqdm
+
+from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, load_encoder,
+                             nearest_centroid, save_atomic)
+from train_decoder import ImagesWithTokens, load_vq, to_unit, vq_encode
+from train_gpt import load_tokens
+
+SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
+# The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
+PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956], "DiGIT": [.114, .160, .228, .320, .443, .571, .673, .721]}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--out", default="out", help="where tokens/checkpoints are and results go (default: %(default)s)")
+    a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
+    a("--fd-encoder", default="dinov2_vits14_offline", help="DINOv2 variant for FD and the classifier (default: %(default)s)")
+    a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
+    a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
+    a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
+    a("--stability-images", type=int, default=200, help="val images for the stability experiment (default: %(default)s)")
+    a("--report", action="store_true", help="also gather every stage's results into OUT/report.md")
+    a("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
+    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
+    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.fd_size % 14:
+        fail(f"--fd-size {args.fd_size} is not a multiple of 14")
+    return args
+
+
+# ----------------------------------------------------------------------------- features and distances
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64 via symmetric eigendecompositions
+    (no scipy.linalg.sqrtm, no complex parts: both square roots are of symmetric PSD matrices)."""
+    mu1, mu2, s1, s2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    ev, V = torch.linalg.eigh(s1)
+    s1_half = V @ torch.diag(ev.clamp_min(0).sqrt()) @ V.T
+    cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross)
+
+
+def gaussian_stats(x):
+    x = x.double()
+    return x.mean(0), torch.cov(x.T)
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019: precision = share of fakes inside some real k-NN ball, recall = the reverse."""
+    def radii(x):
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    r_real, r_fake = radii(real), radii(fake)
+    precision = (torch.cdist(fake, real) <= r_real[None]).any(1).float().mean()
+    recall = (torch.cdist(real, fake) <= r_fake[None]).any(1).float().mean()
+    return float(precision), float(recall)
+
+
+class Featurizer:
+    """DINOv2 CLS features (after the final norm) of images in [0, 1], resized to size x size."""
+
+    def __init__(self, encoder, size, device):
+        self.model = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+        self.size, self.device, self.dtype = size, device, autocast_dtype("auto", device)
+        self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = F.interpolate(x.to(self.device).float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(self.norm(x.clamp(0, 1)))[:, 0].float().cpu()
+
+    def of_loader(self, loader, desc):
+        return torch.cat([self(x) for x, *_ in tqdm(loader, desc=desc, leave=False)])
+
+
+def unit_images(tok, size=None):
+    """The real images of a token file as [0, 1] tensors (their own size unless given)."""
+    tf = [transforms.Resize(size), transforms.CenterCrop(size)] if size else []
+    return dataset_for_tokens(tok, transform=transforms.Compose(tf + [transforms.ToTensor()]))
+
+
+def load_samples(folder):
+    """Images of a folder as [0, 1] tensors (resized to the most common size, with a warning) and the
+    class each was generated for (from sample.py's NNNNN_classK.png names; -1 if unknown)."""
+    files = sorted(f for ext in ("png", "jpg", "jpeg") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
+    files = [f for f in files if not os.path.basename(f).startswith(("grid", "tokens"))]
+    if len(files) < 2:
+        fail(f"{folder} holds {len(files)} sample image(s); at least 2 are needed")
+    imgs = [transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
+    sizes = [tuple(i.shape[1:]) for i in imgs]
+    common = max(set(sizes), key=sizes.count)
+    if len(set(sizes)) > 1:
+        print(f"warning: samples have {len(set(sizes))} different sizes; resizing all to {common}", file=sys.stderr)
+        imgs = [F.interpolate(i[None], size=common, mode="bilinear", align_corners=False)[0] for i in imgs]
+    labels = [int(m.group(1)) if (m := re.search(r"_class(\d+)\.", os.path.basename(f))) else -1 for f in files]
+    return torch.stack(imgs), torch.tensor(labels)
+
+
+def reference(args, feat, train_tok, val_tok):
+    """DINOv2 features of the real train and val images, cached in a file keyed by data + extractor."""
+    spec = json.dumps([train_tok["data"]["name"], train_tok["data"]["root"], len(train_tok["tokens"]), len(val_tok["tokens"]),
+                       args.fd_encoder, args.fd_size])
+    path = os.path.join(args.out, f"fd_reference_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    ref = {}
+    for split, tok in (("train", train_tok), ("val", val_tok)):
+        ref[split] = feat.of_loader(DataLoader(unit_images(tok), batch_size=args.batch_size), f"DINOv2 features of real {split}")
+        ref[f"{split}_labels"] = tok["labels"]
+    save_atomic(ref, path)
+    return ref
+
+
+def generative_scores(args, train_tok, val_tok, device):
+    images, wanted = load_samples(args.samples)
+    feat = Featurizer(args.fd_encoder, args.fd_size, device)
+    ref = reference(args, feat, train_tok, val_tok)
+    fake = torch.cat([feat(x) for x in tqdm(images.split(args.batch_size), desc="DINOv2 features of samples", leave=False)])
+    real = ref["val"]
+    if len(fake) < fake.shape[1]:
+        print(f"warning: {len(fake)} samples for {fake.shape[1]}-dim features: the covariance is singular and FD is "
+              f"biased upwards; compare FDs only at equal sample counts", file=sys.stderr)
+    fd = frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+    # the linear classifier on real train features: classifier score + agreement with the requested class
+    n_classes = len(train_tok["classes"])
+    W = fit_classifier(ref["train"], ref["train_labels"], n_classes)
+    real_acc = float((W(real).argmax(1) == ref["val_labels"]).float().mean())
+    p = W(fake).softmax(1)
+    score = float(torch.exp((p * (p.clamp_min(1e-12).log() - p.mean(0, keepdim=True).clamp_min(1e-12).log())).sum(1).mean()))
+    known = wanted >= 0
+    agree = float((p.argmax(1)[known] == wanted[known]).float().mean()) if known.any() else float("nan")
+    prec, rec = precision_recall(real, fake, args.nearest_k)
+    return dict(n_samples=len(fake), n_real=len(real), fd_dinov2=fd, classifier_score=score, classifier_val_acc=real_acc,
+                class_agreement=agree, precision=prec, recall=rec, feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
+
+
+def fit_classifier(x, y, n_classes, epochs=50):
+    """A linear softmax classifier on standardised features (probe.train_linear's recipe), as a function."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / std
+    W, b = torch.zeros(x.shape[1], n_classes, requires_grad=True), torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=0.1, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(256):
+            loss = F.cross_entropy(xs[idx] @ W + b, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    W, b = W.detach(), b.detach()
+    return lambda f: ((f - mean) / std) @ W + b
+
+
+# ----------------------------------------------------------------------------- latent stability (paper Table 1)
+
+def add_noise(x, snr_db, gen):
+    """x + Gaussian noise with power = signal power / 10^(SNR/10), per image, in x's (normalised) space."""
+    power = x.pow(2).flatten(1).mean(1).view(-1, 1, 1, 1)
+    return x + torch.randn(x.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
+
+
+@torch.no_grad()
+def stability(args, val_tok, device):
+    """Token change rate and latent cosine similarity under pixel noise, for the VQ and the DiGIT tokenizer."""
+    n = min(args.stability_images, len(val_tok["tokens"]))
+    cb = torch.load(os.path.join(args.out, "codebook.pt"), map_location="cpu", weights_only=True)
+    vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
+    encoder = load_encoder(cb["encoder"], os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+    centroids = cb["centroids"].to(device)
+    sub = torch.utils.data.Subset(dataset_for_tokens(val_tok), range(n))
+    dino_x = torch.stack([sub[i][0] for i in range(n)])  # ImageNet-normalised, the encoder's input space
+    vq_x = torch.stack([to_unit(ImagesWithTokens(val_tok, vq_ck["pixel_size"])[i][0]) for i in range(n)])  # [-1, 1]
+
+    def digit_latent(x):
+        f = torch.cat([encoder.get_intermediate_layers(c.to(device), [cb["layer"]])[0].float() for c in x.split(args.batch_size)])
+        ids = nearest_centroid(f.flatten(0, 1) - centroids.mean(0), centroids - centroids.mean(0))[0]
+        return f.flatten(0, 1), ids
+
+    def vq_latent(x):
+        z = torch.cat([vq.encoder(c.to(device)) for c in x.split(args.batch_size)])
+        return F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=1), vq_encode(vq, x.to(device)).flatten()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    result = {}
+    for name, x, latent in (("VQ", vq_x, vq_latent), ("DiGIT", dino_x, digit_latent)):
+        clean_f, clean_ids = latent(x)
+        rows = []
+        for snr in tqdm(SNRS, desc=f"stability {name}", leave=False):
+            f, ids = latent(add_noise(x, snr, gen))
+            rows.append(dict(snr=snr, changed=float((ids != clean_ids).float().mean()),
+                             cosine=float(F.cosine_similarity(f, clean_f, dim=1).mean())))
+        result[name] = rows
+    return result
+
+
+def stability_table(st):
+    head = "| SNR (dB) | " + " | ".join(str(s) for s in SNRS) + " |"
+    lines = [head, "|---" * (len(SNRS) + 1) + "|"]
+    for name in ("VQ", "DiGIT"):
+        lines.append(f"| {name}: tokens changed (ours) | " + " | ".join(f"{r['changed']:.3f}" for r in st[name]) + " |")
+        lines.append(f"| {name}: tokens changed (paper, ImageNet) | " + " | ".join(f"{v:.3f}" for v in PAPER_CHANGE[name]) + " |")
+        lines.append(f"| {name}: latent cosine similarity (ours) | " + " | ".join(f"{r['cosine']:.3f}" for r in st[name]) + " |")
+    return "\n".join(lines)
+
+
+def plot_stability(st, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    xs = range(len(SNRS))
+    for name, color in (("VQ", "tab:red"), ("DiGIT", "tab:blue")):
+        axes[0].plot(xs, [r["changed"] for r in st[name]], "o-", color=color, label=f"{name} (ours)")
+        axes[0].plot(xs, PAPER_CHANGE[name], "x--", color=color, alpha=0.5, label=f"{name} (paper, ImageNet)")
+        axes[1].plot(xs, [r["cosine"] for r in st[name]], "o-", color=color, label=name)
+    for ax, title in zip(axes, ("fraction of tokens changed", "cosine similarity of latents")):
+        ax.set_xticks(list(xs), [str(s) for s in SNRS])
+        ax.set_xlabel("SNR (dB)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(args, results):
+    """out/report.md: every stage's numbers in one place."""
+    out, lines = args.out, ["# DiGIT demo report", ""]
+
+    def load(name):
+        path = os.path.join(out, name)
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+    cb, gpt, vq, dec = load("codebook.pt"), load("gpt.pt"), load("vq.pt"), load("decoder.pt")
+    if cb is not None:
+        c = cb["cluster_sizes"]
+        lines += ["## Tokenizer", f"{cb['encoder']} block {cb['layer']}, {cb['image_size']} px, K = {len(cb['centroids'])}: "
+                  f"K-means on {cb['n_points']:,} patches, {cb['iters']} iterations, inertia {cb['inertia'] / cb['n_points']:.4g} per "
+                  f"patch, cluster sizes {int(c.min())} / {int(c.median())} / {int(c.max())} (min / median / max).", ""]
+    if gpt is not None:
+        lines += ["## GPT", f"{gpt['model_args']['n_layer']} x {gpt['model_args']['n_embd']}, {gpt['step']} steps. Loss (nats/token):", "",
+                  "| step | train | val |", "|---|---|---|"] + [f"| {e['step']} | {e['train']:.4f} | {e['val']:.4f} |" for e in gpt["evals"]] + [""]
+    if vq is not None:
+        m = vq["metrics"]
+        lines += ["## Pixel VQ", f"{vq['pixel_size']} px, grid {tuple(vq['grid'])}, {vq['step']} steps: val PSNR {m['psnr']:.2f} dB, "
+                  f"{m['codes_used']} / {vq['model_args']['codes']} codes used, perplexity {m['perplexity']:.0f}.", ""]
+    if dec is not None:
+        m = dec["metrics"]
+        lines += ["## MaskGIT decoder", f"{dec['step']} steps: val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR of images rendered "
+                  f"from the real DiGIT tokens {m['psnr']:.2f} dB.", "", "Rows: original | VQ reconstruction | rendered from DiGIT tokens:",
+                  "", "![decoder](decoder_val.png)", ""]
+    if os.path.exists(os.path.join(out, "samples", "grid.png")):
+        lines += ["## Samples", "One row per class:", "", "![samples](samples/grid.png)", ""]
+    if os.path.exists(os.path.join(out, "probe.md")):
+        lines += ["## Linear probe", open(os.path.join(out, "probe.md")).read(), ""]
+    if "generative" in results:
+        g = results["generative"]
+        lines += ["## Generative scores", f"{g['n_samples']} samples vs {g['n_real']} real val images, features: {g['feature']}.", "",
+                  "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |", "|---|---|---|---|---|",
+                  f"| {g['fd_dinov2']:.2f} | {g['classifier_score']:.2f} | {100 * g['class_agreement']:.1f}% | {g['precision']:.3f} | {g['recall']:.3f} |",
+                  "", f"The classifier (linear, on DINOv2 features of real train images) scores {100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
+    if "stability" in results:
+        lines += ["## Latent stability (paper Table 1)", stability_table(results["stability"]), "", "![stability](stability.png)", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"-> {out}/report.md")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    results = {}
+    if args.samples:
+        if not os.path.isdir(args.samples):
+            fail(f"--samples {args.samples} is not a folder")
+        g = results["generative"] = generative_scores(args, train_tok, val_tok, device)
+        print(f"FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
+              f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
+              f"({g['n_samples']} samples, {g['n_real']} real)")
+    if args.stability:
+        results["stability"] = stability(args, val_tok, device)
+        print(stability_table(results["stability"]))
+        plot_stability(results["stability"], os.path.join(args.out, "stability.png"))
+    if not results and not args.report:
+        fail("nothing to do: give --samples DIR and/or --stability (see --help)")
+    if results:
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"-> {args.out}/eval.json")
+    if args.report:
+        if not results and os.path.exists(os.path.join(args.out, "eval.json")):
+            results = json.load(open(os.path.join(args.out, "eval.json")))
+        write_report(args, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

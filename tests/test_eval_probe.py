@@ -1,0 +1,95 @@
+"""eval.py and probe.py: Frechet distance vs closed form, precision/recall, noise at a given SNR, probes, inputs."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_token_files, run_script
+from eval import add_noise, frechet_distance, gaussian_stats, load_samples, precision_recall
+from probe import bag_of_tokens, gpt_features, train_linear
+from train_gpt import GPT
+
+
+def test_frechet_distance_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    d1, d2 = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    # diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(d1) - sqrt(d2))^2
+    expected = float((mu1 - mu2).pow(2).sum() + (d1.sqrt() - d2.sqrt()).pow(2).sum())
+    assert abs(frechet_distance(mu1, torch.diag(d1), mu2, torch.diag(d2)) - expected) < 1e-9
+    # a rotation of both covariances changes nothing; equal Gaussians are at distance 0
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    s1, s2 = Q @ torch.diag(d1) @ Q.T, Q @ torch.diag(d2) @ Q.T
+    assert abs(frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_frechet_distance_of_samples_converges():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(20000, 3, generator=g), torch.randn(20000, 3, generator=g) * 2 + 1
+    assert abs(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)) - (3 * 1 + 3 * 1)) < 0.1  # |mu|^2 = 3, (2-1)^2 x 3
+
+
+def test_precision_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 4, generator=g)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    p, r = precision_recall(real, real + 100)
+    assert p == 0.0 and r == 0.0
+    p, r = precision_recall(real, real[:30] * 0.1)  # collapsed fakes: precise, low recall
+    assert p > 0.9 and r < 0.3
+
+
+def test_noise_has_the_requested_snr():
+    x = torch.randn(8, 3, 32, 32) + 2
+    for snr in (30, 10, 0.01):
+        noisy = add_noise(x, snr, torch.Generator().manual_seed(0))
+        measured = 10 * torch.log10(x.pow(2).mean() / (noisy - x).pow(2).mean())
+        assert abs(float(measured) - snr) < 0.1
+
+
+def test_linear_probe_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 3
+    x = torch.randn(600, 16, generator=g)
+    good = x.clone()
+    good[:, 0] += 8 * y  # one informative direction, 8 standard deviations between classes
+    acc = train_linear(torch.stack([good[:500], x[:500]]), y[:500], torch.stack([good[500:], x[500:]]), y[500:], 3, 30, 0.1, 64)
+    assert acc[0] > 0.95 and acc[1] < 0.6  # the informative set is learned, pure noise is at chance
+
+
+def test_probe_features_do_not_see_the_label():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=16, block_size=9, n_classes=3, n_layer=2, n_embd=16, n_head=2).eval()
+    tokens = torch.randint(16, (4, 9))
+    f = gpt_features(model, tokens, 2, torch.device("cpu"))
+    assert f.shape == (2, 4, 16)
+    model.cls_emb.weight.data[:3] = 5.0  # changing the class rows must not change the (null-class) features
+    torch.testing.assert_close(gpt_features(model, tokens, 2, torch.device("cpu")), f)
+
+
+def test_bag_of_tokens():
+    h = bag_of_tokens(dict(tokens=torch.tensor([[0, 0, 1, 3]]), vocab_size=4))
+    assert h.tolist() == [[0.5, 0.25, 0.0, 0.25]]
+
+
+def test_samples_of_mixed_sizes_are_resized_and_labels_parsed(tmp_path, capsys):
+    for i, size in enumerate([16, 16, 20]):
+        Image.new("RGB", (size, size), (i * 50, 0, 0)).save(tmp_path / f"{i:05d}_class{i + 1}.png")
+    Image.new("RGB", (50, 50)).save(tmp_path / "grid.png")  # sample.py's grid is not a sample
+    x, labels = load_samples(str(tmp_path))
+    assert x.shape == (3, 3, 16, 16) and labels.tolist() == [1, 2, 3]
+    assert "resizing all to (16, 16)" in capsys.readouterr().err
+
+
+def test_cli_refuses_too_few_samples_and_missing_files(tmp_path):
+    out = make_token_files(str(tmp_path / "out"))
+    (tmp_path / "s").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "s" / "00000_class0.png")
+    p = run_script("eval.py", "--out", out, "--samples", tmp_path / "s", check=False)
+    assert p.returncode != 0 and "at least 2 are needed" in p.stderr and "Traceback" not in p.stderr
+    p = run_script("eval.py", "--out", out, "--stability", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    p = run_script("probe.py", "--out", out, check=False)
+    assert p.returncode != 0 and "gpt.pt not found" in p.stderr
