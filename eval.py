@@ -197,7 +197,10 @@ def add_noise(x, snr_db, gen):
 def stability(args, val_tok, device):
     """Token change rate and latent cosine similarity under pixel noise, for the VQ and the DiGIT tokenizer."""
     n = min(args.stability_images, len(val_tok["tokens"]))
-    cb = torch.load(os.path.join(args.out, "codebook.pt"), map_location="cpu", weights_only=True)
+    cb_path = os.path.join(args.out, "codebook.pt")
+    if not os.path.exists(cb_path):
+        fail(f"{cb_path} not found: run tokenize_kmeans.py --out {args.out} first")
+    cb = torch.load(cb_path, map_location="cpu", weights_only=True)
     vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
     encoder = load_encoder(cb["encoder"], os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
     centroids = cb["centroids"].to(device)

@@ -90,6 +90,6 @@ def test_cli_refuses_too_few_samples_and_missing_files(tmp_path):
     p = run_script("eval.py", "--out", out, "--samples", tmp_path / "s", check=False)
     assert p.returncode != 0 and "at least 2 are needed" in p.stderr and "Traceback" not in p.stderr
     p = run_script("eval.py", "--out", out, "--stability", check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.returncode != 0 and "codebook.pt not found" in p.stderr and "Traceback" not in p.stderr
     p = run_script("probe.py", "--out", out, check=False)
     assert p.returncode != 0 and "gpt.pt not found" in p.stderr
