@@ -47,6 +47,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--out", default="out", help="where tokens/checkpoints are and results go (default: %(default)s)")
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
+    a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
     a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
@@ -145,8 +146,8 @@ def reference(args, feat, train_tok, val_tok):
     return ref
 
 
-def generative_scores(args, train_tok, val_tok, device):
-    images, wanted = load_samples(args.samples)
+def generative_scores(args, folder, train_tok, val_tok, device):
+    images, wanted = load_samples(folder)
     feat = Featurizer(args.fd_encoder, args.fd_size, device)
     ref = reference(args, feat, train_tok, val_tok)
     fake = torch.cat([feat(x) for x in tqdm(images.split(args.batch_size), desc="DINOv2 features of samples", leave=False)])
@@ -296,6 +297,11 @@ def write_report(args, results):
                   "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |", "|---|---|---|---|---|",
                   f"| {g['fd_dinov2']:.2f} | {g['classifier_score']:.2f} | {100 * g['class_agreement']:.1f}% | {g['precision']:.3f} | {g['recall']:.3f} |",
                   "", f"The classifier (linear, on DINOv2 features of real train images) scores {100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
+    if "rendered" in results:
+        r = results["rendered"]
+        lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
+                  f"{r['n_samples']} images: the DINOv2 linear classifier gives the true label for {100 * r['class_agreement']:.1f}% "
+                  f"of them (real val images: {100 * r['classifier_val_acc']:.1f}%); FD_DINOv2 to the real val set {r['fd_dinov2']:.2f}.", ""]
     if "stability" in results:
         lines += ["## Latent stability (paper Table 1)", stability_table(results["stability"]), "", "![stability](stability.png)", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -308,11 +314,13 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     results = {}
-    if args.samples:
-        if not os.path.isdir(args.samples):
-            fail(f"--samples {args.samples} is not a folder")
-        g = results["generative"] = generative_scores(args, train_tok, val_tok, device)
-        print(f"FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
+    for key, folder in (("rendered", args.rendered), ("generative", args.samples)):
+        if not folder:
+            continue
+        if not os.path.isdir(folder):
+            fail(f"{folder} is not a folder")
+        g = results[key] = generative_scores(args, folder, train_tok, val_tok, device)
+        print(f"{folder}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
               f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
               f"({g['n_samples']} samples, {g['n_real']} real)")
     if args.stability:
@@ -320,7 +328,7 @@ def main(argv=None):
         print(stability_table(results["stability"]))
         plot_stability(results["stability"], os.path.join(args.out, "stability.png"))
     if not results and not args.report:
-        fail("nothing to do: give --samples DIR and/or --stability (see --help)")
+        fail("nothing to do: give --samples DIR, --rendered DIR and/or --stability (see --help)")
     if results:
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)

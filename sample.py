@@ -9,6 +9,7 @@ Run (reads out/gpt.pt, out/decoder.pt, out/vq.pt; writes out/samples/):
     python sample.py                                 # unconditional (or random classes)
 """
 import argparse
+import math
 import os
 import sys
 
@@ -36,6 +37,7 @@ def get_args(argv=None):
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
     a("--decode-steps", type=int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
+    a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
     a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
     a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
@@ -128,11 +130,27 @@ def check_fit(gpt_ck, dec_ck, vq_ck, out):
             fail(f"{out}/{f1} ({k1} {v1}) does not fit {out}/{f2} ({k2} {v2}): they were trained on different tokens")
 
 
+def real_tokens(path, n, gpt_ck, device):
+    """The first n rows of a token file (their labels as the 'requested' classes), checked against gpt.pt."""
+    if not os.path.exists(path):
+        fail(f"--from-tokens {path} not found")
+    tok = torch.load(path, map_location="cpu", weights_only=True)
+    if tok["vocab_size"] != gpt_ck["vocab_size"] or tuple(tok["grid"]) != tuple(gpt_ck["grid"]):
+        fail(f"{path} (vocab {tok['vocab_size']}, grid {tuple(tok['grid'])}) does not match the models "
+             f"(vocab {gpt_ck['vocab_size']}, grid {tuple(gpt_ck['grid'])})")
+    # spread the n rows over the file so that every class appears
+    rows = torch.linspace(0, len(tok["tokens"]) - 1, min(n, len(tok["tokens"]))).long()
+    labels = tok["labels"][rows].to(device) if tok.get("labels") is not None else None
+    return tok["tokens"][rows].long().to(device), labels, len(rows)
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     classes = gpt_ck["classes"]
+    if args.from_tokens and args.tokens_only:
+        fail("--from-tokens renders given tokens; --tokens-only would do nothing")
     if not args.tokens_only:
         dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
         vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
@@ -150,13 +168,17 @@ def main(argv=None):
     else:
         rows = parse_classes(args.classes, classes)
         note = "classes " + ", ".join(f"{c} ({classes[c]})" for c in rows)
+    if args.from_tokens:
+        note = f"rendering real tokens of {args.from_tokens}"
     print(f"sampling {args.num_samples} per row, {note}; temperature {args.temperature}, top-k {args.top_k}, "
           f"top-p {args.top_p}, cfg {args.cfg_scale}, {'no ' if args.no_cache else ''}KV cache")
 
     labels = None if rows == [None] else torch.tensor(rows, device=device).repeat_interleave(args.num_samples)
     n = args.num_samples * len(rows)
     tokens = []
-    for s in tqdm(range(0, n, args.batch_size), desc="batches", unit="batch"):
+    if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
+        tokens, labels, n = real_tokens(args.from_tokens, args.num_samples, gpt_ck, device)
+    for s in tqdm(range(0, n if not args.from_tokens else 0, args.batch_size), desc="batches", unit="batch"):
         lab = None if labels is None else labels[s: s + args.batch_size]
         b = min(args.batch_size, n - s)
         if lab is None:  # unconditional: generate() takes the batch size from the null-class rows
@@ -164,7 +186,7 @@ def main(argv=None):
             tokens.append(generate(gpt, lab_rows, args.temperature, args.top_k, args.top_p, 1.0, gen, not args.no_cache, True))
         else:
             tokens.append(generate(gpt, lab, args.temperature, args.top_k, args.top_p, args.cfg_scale, gen, not args.no_cache, True))
-    tokens = torch.cat(tokens)
+    tokens = torch.cat(tokens) if isinstance(tokens, list) else tokens
     folder = args.samples_dir or os.path.join(args.out, "samples")
     os.makedirs(folder, exist_ok=True)
     save_atomic(dict(tokens=tokens.cpu(), labels=None if labels is None else labels.cpu(), grid=gpt_ck["grid"],
@@ -179,14 +201,15 @@ def main(argv=None):
             images.append(vq_decode(vq, vq_ids, tuple(vq_ck["grid"])).float().cpu())
     images = torch.cat(images)
     grid_png = os.path.join(folder, "grid.png")
-    save_image(make_grid(images, nrow=args.num_samples, normalize=True, value_range=(-1, 1), padding=2), grid_png)
+    nrow = args.num_samples if not args.from_tokens else math.ceil(math.sqrt(n))
+    save_image(make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2), grid_png)
     for i, img in enumerate(images):
         tag = "uncond" if labels is None else f"class{int(labels[i])}"
         save_image(img, os.path.join(folder, f"{i:05d}_{tag}.png"), normalize=True, value_range=(-1, 1))
     print(f"{n} images -> {grid_png} (and {folder}/NNNNN_*.png)")
     if args.show_tokens:
         pic = token_picture(tokens, tuple(gpt_ck["grid"]), images.shape[-1], gpt_ck["vocab_size"])
-        save_image(make_grid(torch.cat([pic, images]), nrow=args.num_samples, normalize=True, value_range=(-1, 1)),
+        save_image(make_grid(torch.cat([pic, images]), nrow=nrow, normalize=True, value_range=(-1, 1)),
                    os.path.join(folder, "tokens.png"))
         print(f"token picture (top: token ids as colours, bottom: images) -> {folder}/tokens.png")
     return tokens, images

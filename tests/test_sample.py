@@ -121,3 +121,14 @@ def test_cli_class_on_unconditional_model(checkpoints, tmp_path):
     assert p.returncode != 0 and "unconditional model" in p.stderr
     p = run_script("sample.py", "--out", tmp_path, "--tokens-only", "--num-samples", "2")
     assert "unconditional" in p.stdout
+
+
+def test_cli_renders_real_tokens(checkpoints, tmp_path):
+    tok = dict(tokens=torch.randint(VOCAB, (10, 9)), grid=GRID, vocab_size=VOCAB, labels=torch.arange(10) % 3, classes=CLASSES)
+    torch.save(tok, tmp_path / "tokens_val.pt")
+    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path / "r", "--from-tokens", tmp_path / "tokens_val.pt",
+               "--num-samples", "4")
+    saved = torch.load(tmp_path / "r" / "tokens.pt", weights_only=True)
+    rows = [0, 3, 6, 9]  # spread over the file
+    assert torch.equal(saved["tokens"], tok["tokens"][rows]) and saved["labels"].tolist() == [0, 0, 0, 0]
+    assert len([f for f in os.listdir(tmp_path / "r") if f.endswith("_class0.png")]) == 4
