@@ -36,6 +36,8 @@ stage maskgit "4/7 train the MaskGIT decoder" python train_decoder.py --stage ma
 stage sample "5/7 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
     --top-k 100 --cfg-scale 2 --show-tokens
 stage probe "6/7 linear probe of the GPT" python probe.py --out "$OUT"
+stage render "7/7 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
+    --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
 stage eval "7/7 evaluate: FD_DINOv2, classifier score, latent stability, report" python eval.py --out "$OUT" \
-    --samples "$OUT/samples" --fd-size 112 --stability --report
+    --samples "$OUT/samples" --rendered "$OUT/rendered_val" --fd-size 112 --stability --report
 echo "== all done: $OUT/report.md"
