@@ -27,17 +27,17 @@ resume() {  # --resume if an unfinished checkpoint exists
 }
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 
-stage tokenize "1/7 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
-stage gpt "2/7 train the GPT" python train_gpt.py --out "$OUT" --max-steps 1000 --eval-interval 250 --ckpt-interval 250 $(resume gpt.pt)
-stage vq "3/7 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 600 --lr 1e-3 \
+stage tokenize "1/8 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
+stage gpt "2/8 train the GPT" python train_gpt.py --out "$OUT" --max-steps 700 --eval-interval 175 --ckpt-interval 175 $(resume gpt.pt)
+stage vq "3/8 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 600 --lr 1e-3 \
     --vq-channels 32 --perceptual 0 --eval-interval 300 --ckpt-interval 300 $(resume vq.pt)
-stage maskgit "4/7 train the MaskGIT decoder" python train_decoder.py --stage maskgit --out "$OUT" --max-steps 600 --lr 1e-3 \
-    --eval-interval 300 --ckpt-interval 300 $(resume decoder.pt)
-stage sample "5/7 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
+stage maskgit "4/8 train the MaskGIT decoder" python train_decoder.py --stage maskgit --out "$OUT" --max-steps 1000 --lr 1e-3 \
+    --eval-interval 500 --ckpt-interval 250 $(resume decoder.pt)
+stage sample "5/8 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
     --top-k 100 --cfg-scale 2 --show-tokens
-stage probe "6/7 linear probe of the GPT" python probe.py --out "$OUT"
-stage render "7/7 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
+stage probe "6/8 linear probe of the GPT" python probe.py --out "$OUT"
+stage render "7/8 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
     --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
-stage eval "7/7 evaluate: FD_DINOv2, classifier score, latent stability, report" python eval.py --out "$OUT" \
+stage eval "8/8 evaluate: FD_DINOv2, classifier score, latent stability, report" python eval.py --out "$OUT" \
     --samples "$OUT/samples" --rendered "$OUT/rendered_val" --fd-size 112 --stability --report
 echo "== all done: $OUT/report.md"

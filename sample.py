@@ -36,6 +36,7 @@ def get_args(argv=None):
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
     a("--decode-steps", type=int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
+    a("--decode-temperature", type=float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
     a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
     a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
@@ -197,7 +198,7 @@ def main(argv=None):
     images = []
     with torch.no_grad():
         for s in tqdm(range(0, n, args.batch_size), desc="render", unit="batch"):
-            vq_ids = decode(dec, tokens[s: s + args.batch_size], args.decode_steps, gen=gen)
+            vq_ids = decode(dec, tokens[s: s + args.batch_size], args.decode_steps, args.decode_temperature, gen=gen)
             images.append(vq_decode(vq, vq_ids, tuple(vq_ck["grid"])).float().cpu())
     images = torch.cat(images)
     grid_png = os.path.join(folder, "grid.png")

@@ -307,12 +307,17 @@ def load_decoder(path, device):
     return model.eval().requires_grad_(False), ck
 
 
+def eval_subset(val, n):
+    """n val images spread evenly over the set (val sets are often sorted by class)."""
+    return torch.utils.data.Subset(val, torch.linspace(0, len(val) - 1, min(n, len(val))).long().tolist())
+
+
 def evaluate_vq(vq, val, args, device, dtype):
     """Val PSNR of the reconstructions and codebook usage (codes used, perplexity)."""
     vq.eval()
     psnrs, ids = [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for x, _, _ in DataLoader(torch.utils.data.Subset(val, range(min(len(val), args.eval_images))), batch_size=64):
+        for x, _, _ in DataLoader(eval_subset(val, args.eval_images), batch_size=64):
             x = to_unit(x.to(device))
             rec, i, *_ = vq(x)
             psnrs.append(psnr(rec.float(), x))
@@ -327,21 +332,26 @@ def evaluate_vq(vq, val, args, device, dtype):
 def evaluate_maskgit(model, vq, val, grid, args, device, dtype, png=None):
     """VQ-token accuracy of decode() from the real DiGIT tokens, and PSNR of the rendered pixels."""
     model.eval()
-    acc, psnrs, rows = [], [], None
+    acc, psnrs, rows = [], [], []
     gen = torch.Generator().manual_seed(0)
+    subset = eval_subset(val, args.eval_images)
+    show = set(torch.linspace(0, len(subset) - 1, 8).long().tolist())  # 8 pictures spread over the classes
+    seen = 0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        for x, digit, _ in DataLoader(torch.utils.data.Subset(val, range(min(len(val), args.eval_images))), batch_size=64):
+        for x, digit, _ in DataLoader(subset, batch_size=64):
             x, digit = to_unit(x.to(device)), digit.to(device)
             target = vq_encode(vq, x)
             pred = decode(model, digit, args.decode_steps, gen=gen)
             rendered = vq_decode(vq, pred, grid).float()
             acc.append((pred == target).float().mean(1))
             psnrs.append(psnr(rendered, x))
-            if rows is None:
-                rows = torch.cat([x[:8], vq_decode(vq, target, grid).float()[:8], rendered[:8]])
+            pick = [i for i in range(len(x)) if seen + i in show]
+            rows.append(torch.stack([x[pick], vq_decode(vq, target[pick], grid).float(), rendered[pick]]))
+            seen += len(x)
     model.train()
     if png:
-        save_image(make_grid(rows, nrow=min(8, len(rows) // 3), normalize=True, value_range=(-1, 1)), png)
+        rows = torch.cat(rows, dim=1)  # [3, 8, C, H, W]: original | VQ reconstruction | rendered from DiGIT
+        save_image(make_grid(rows.flatten(0, 1), nrow=rows.shape[1], normalize=True, value_range=(-1, 1)), png)
     return dict(vq_token_acc=float(torch.cat(acc).mean()), psnr=float(torch.cat(psnrs).mean()))
 
 
