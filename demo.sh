@@ -28,6 +28,7 @@ resume() {  # --resume if an unfinished checkpoint exists
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 
 stage tokenize "1/8 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
+stage gallery "1/8 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
 stage gpt "2/8 train the GPT" python train_gpt.py --out "$OUT" --max-steps 700 --eval-interval 175 --ckpt-interval 175 $(resume gpt.pt)
 stage vq "3/8 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 600 --lr 1e-3 \
     --vq-channels 32 --perceptual 0 --eval-interval 300 --ckpt-interval 300 $(resume vq.pt)

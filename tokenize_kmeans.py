@@ -56,6 +56,7 @@ def get_args(argv=None):
     p.add_argument("--init-points", type=int, default=None, help="patches k-means++ draws from (default: 16 per centroid)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--gallery", action="store_true", help="only draw OUT/gallery.png from existing token files: for a few centroids, patches assigned to them")
     p.add_argument("--refit", action="store_true", help="fit a new codebook even if a matching codebook.pt exists")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="encoder arithmetic; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it 1.5x faster (default: %(default)s)")
@@ -606,8 +607,36 @@ def check_args(args, depth):
         fail("--k must be positive")
 
 
+def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
+    """What a token means: rows = random centroids, columns = train patches assigned to them (with some context)."""
+    from torchvision.utils import make_grid, save_image
+    path = os.path.join(out, "tokens_train.pt")
+    if not os.path.exists(path):
+        fail(f"{path} not found: run tokenize_kmeans.py first")
+    tok = torch.load(path, weights_only=True)
+    ds = dataset_for_tokens(tok, transform=transforms.Compose([transforms.Resize(tok["image_size"]),
+                                                               transforms.CenterCrop(tok["image_size"]), transforms.ToTensor()]))
+    (h, w), tokens, gen = tok["grid"], tok["tokens"].long(), torch.Generator().manual_seed(seed)
+    counts = torch.bincount(tokens.flatten(), minlength=tok["vocab_size"])
+    codes = torch.nonzero(counts >= n_patches).flatten()
+    codes = codes[torch.randperm(len(codes), generator=gen)[:n_codes]].sort().values
+    crops = []
+    for c in codes.tolist():
+        img_idx, pos = torch.nonzero(tokens == c, as_tuple=True)
+        for j in torch.randperm(len(img_idx), generator=gen)[:n_patches].tolist():
+            img = F.pad(ds[int(img_idx[j])][0], (14, 14, 14, 14))  # one patch of context on each side
+            y, x = divmod(int(pos[j]), w)
+            crop = img[:, y * 14: y * 14 + 42, x * 14: x * 14 + 42].clone()
+            crop[:, 13:29, 13] = crop[:, 13:29, 28] = crop[:, 13, 13:29] = crop[:, 28, 13:29] = torch.tensor([1.0, 0, 0])[:, None]
+            crops.append(crop)
+    save_image(make_grid(crops, nrow=n_patches, padding=2, pad_value=1), os.path.join(out, "gallery.png"))
+    print(f"token gallery: {len(codes)} codes x {n_patches} patches (red box = the patch) -> {out}/gallery.png")
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.gallery:
+        return draw_gallery(args.out)
     depth = ENCODERS[args.encoder]["depth"]
     check_args(args, depth)
     layer = args.layer % depth

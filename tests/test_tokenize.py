@@ -117,3 +117,12 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "val").mkdir()
     p = run_script("tokenize_kmeans.py", "--data", str(tmp_path), "--out", str(tmp_path / "out"), check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "no images" in p.stderr
+
+
+def test_gallery_draws_patches_of_codes(tokenized):
+    from PIL import Image
+    out, _ = tokenized
+    p = run_script("tokenize_kmeans.py", "--gallery", "--out", out)
+    assert "token gallery" in p.stdout
+    img = Image.open(os.path.join(out, "gallery.png"))
+    assert img.size[0] == 2 + 10 * (42 + 2)  # 10 patches of 42 px (the patch + one patch of context) per row
