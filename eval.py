@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -53,6 +54,9 @@ def get_args(argv=None):
     a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
     a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
     a("--stability-images", type=int, default=200, help="val images for the stability experiment (default: %(default)s)")
+    a("--sweep", choices=["top-k", "top-p", "cfg"], default=None, help="sample with sample.py over --values and score each (the paper's top-k/top-p figure)")
+    a("--values", default=None, help="comma-separated values for --sweep (default: top-k 10,50,100,200,0; top-p 0.6,0.8,0.9,1; cfg 1,1.5,2,3,4)")
+    a("--sweep-samples", type=int, default=10, help="samples per class for each --sweep value (default: %(default)s)")
     a("--report", action="store_true", help="also gather every stage's results into OUT/report.md")
     a("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
@@ -82,8 +86,8 @@ def gaussian_stats(x):
 
 def precision_recall(real, fake, k=3):
     """Kynkaanniemi et al. 2019: precision = share of fakes inside some real k-NN ball, recall = the reverse."""
-    def radii(x):
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    def radii(x):  # +1: the point itself is at distance 0; small sets use fewer neighbours
+        return torch.cdist(x, x).kthvalue(min(k, len(x) - 1) + 1, dim=1).values
     r_real, r_fake = radii(real), radii(fake)
     precision = (torch.cdist(fake, real) <= r_real[None]).any(1).float().mean()
     recall = (torch.cdist(real, fake) <= r_fake[None]).any(1).float().mean()
@@ -260,6 +264,25 @@ def plot_stability(st, path):
     fig.savefig(path, dpi=100)
 
 
+def sweep(args, train_tok, val_tok, device):
+    """Generate with sample.py at each value of one sampling setting and score every set the same way."""
+    import sample
+    defaults = {"top-k": "10,50,100,200,0", "top-p": "0.6,0.8,0.9,1", "cfg": "1,1.5,2,3,4"}
+    flag = {"top-k": "--top-k", "top-p": "--top-p", "cfg": "--cfg-scale"}[args.sweep]
+    classes = ",".join(str(c) for c in range(len(train_tok["classes"])))
+    rows = []
+    for value in (args.values or defaults[args.sweep]).split(","):
+        folder = os.path.join(args.out, "sweep", f"{args.sweep}_{value}")
+        shutil.rmtree(folder, ignore_errors=True)  # only this value's images may be scored
+        sample.main(["--out", args.out, "--samples-dir", folder, "--class", classes, "--num-samples", str(args.sweep_samples),
+                     flag, value, "--seed", str(args.seed)])
+        g = generative_scores(args, folder, train_tok, val_tok, device)
+        rows.append(dict(value=float(value), **g))
+        print(f"{args.sweep} {value}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f}, "
+              f"agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f}")
+    return dict(setting=args.sweep, rows=rows)
+
+
 # ----------------------------------------------------------------------------- report
 
 def write_report(args, results):
@@ -302,6 +325,11 @@ def write_report(args, results):
         lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
                   f"{r['n_samples']} images: the DINOv2 linear classifier gives the true label for {100 * r['class_agreement']:.1f}% "
                   f"of them (real val images: {100 * r['classifier_val_acc']:.1f}%); FD_DINOv2 to the real val set {r['fd_dinov2']:.2f}.", ""]
+    if "sweep" in results:
+        sw = results["sweep"]
+        lines += [f"## Sampling sweep: {sw['setting']}", "", f"| {sw['setting']} | FD_DINOv2 | classifier score | agreement | precision | recall |",
+                  "|---|---|---|---|---|---|"] + [f"| {r['value']:g} | {r['fd_dinov2']:.2f} | {r['classifier_score']:.2f} | "
+                                                  f"{100 * r['class_agreement']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} |" for r in sw["rows"]] + [""]
     if "stability" in results:
         lines += ["## Latent stability (paper Table 1)", stability_table(results["stability"]), "", "![stability](stability.png)", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -323,12 +351,14 @@ def main(argv=None):
         print(f"{folder}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
               f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
               f"({g['n_samples']} samples, {g['n_real']} real)")
+    if args.sweep:
+        results["sweep"] = sweep(args, train_tok, val_tok, device)
     if args.stability:
         results["stability"] = stability(args, val_tok, device)
         print(stability_table(results["stability"]))
         plot_stability(results["stability"], os.path.join(args.out, "stability.png"))
     if not results and not args.report:
-        fail("nothing to do: give --samples DIR, --rendered DIR and/or --stability (see --help)")
+        fail("nothing to do: give --samples DIR, --rendered DIR, --sweep and/or --stability (see --help)")
     if results:
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump(results, f, indent=1)
