@@ -113,9 +113,10 @@ class Featurizer:
 
 
 def unit_images(tok, size=None):
-    """The real images of a token file as [0, 1] tensors (their own size unless given)."""
-    tf = [transforms.Resize(size), transforms.CenterCrop(size)] if size else []
-    return dataset_for_tokens(tok, transform=transforms.Compose(tf + [transforms.ToTensor()]))
+    """The real images of a token file as [0, 1] tensors, resized and cropped as the tokenizer saw them."""
+    size = size or tok["image_size"]
+    tf = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size), transforms.ToTensor()]
+    return dataset_for_tokens(tok, transform=transforms.Compose(tf))
 
 
 def load_samples(folder):
