@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tokenize_kmeans import fail, save_atomic
 from train_decoder import decode, load_decoder, load_vq, vq_decode
-from train_gpt import GPT, KVCache
+from train_gpt import GPT, KVCache, load_model
 
 
 def get_args(argv=None):
@@ -47,12 +47,7 @@ def get_args(argv=None):
 
 
 def load_gpt(path, device):
-    if not os.path.exists(path):
-        fail(f"{path} not found: run train_gpt.py first")
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(**ck["model_args"]).to(device)
-    model.load_state_dict(ck["model"])
-    return model.eval().requires_grad_(False), ck
+    return load_model(path, GPT, "run train_gpt.py first", device)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):

@@ -616,7 +616,7 @@ def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
     tok = torch.load(path, weights_only=True)
     ds = dataset_for_tokens(tok, transform=transforms.Compose([transforms.Resize(tok["image_size"]),
                                                                transforms.CenterCrop(tok["image_size"]), transforms.ToTensor()]))
-    (h, w), tokens, gen = tok["grid"], tok["tokens"].long(), torch.Generator().manual_seed(seed)
+    w, tokens, gen = tok["grid"][1], tok["tokens"].long(), torch.Generator().manual_seed(seed)
     counts = torch.bincount(tokens.flatten(), minlength=tok["vocab_size"])
     codes = torch.nonzero(counts >= n_patches).flatten()
     codes = codes[torch.randperm(len(codes), generator=gen)[:n_codes]].sort().values

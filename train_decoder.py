@@ -16,7 +16,6 @@ Run (after tokenize_kmeans.py; reads out/tokens_*.pt and the images they came fr
 import argparse
 import math
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, init_distributed,
                              load_encoder, save_atomic)
-from train_gpt import MODELS, Block, batch_indices, check_tokens, load_tokens
+from train_gpt import MODELS, Block, batch_indices, check_tokens, load_model, load_tokens
 
 
 def get_args(argv=None):
@@ -290,21 +289,11 @@ def vq_levels(pixel_size, grid):
 
 
 def load_vq(path, device):
-    if not os.path.exists(path):
-        fail(f"{path} not found: run train_decoder.py --stage vq first")
-    ck = torch.load(path, map_location=device, weights_only=True)
-    vq = VQModel(**ck["model_args"]).to(device)
-    vq.load_state_dict(ck["model"])
-    return vq.eval().requires_grad_(False), ck
+    return load_model(path, VQModel, "run train_decoder.py --stage vq first", device)
 
 
 def load_decoder(path, device):
-    if not os.path.exists(path):
-        fail(f"{path} not found: run train_decoder.py --stage maskgit first")
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model = MaskGIT(**ck["model_args"]).to(device)
-    model.load_state_dict(ck["model"])
-    return model.eval().requires_grad_(False), ck
+    return load_model(path, MaskGIT, "run train_decoder.py --stage maskgit first", device)
 
 
 def eval_subset(val, n):

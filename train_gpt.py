@@ -233,6 +233,16 @@ def device_peak(device, dtype):
     return peak, f"measured {'bf16' if dtype else 'fp32'} matmul on {device}: {peak / 1e9:.0f} GFLOP/s"
 
 
+def load_model(path, model_class, hint, device):
+    """(frozen model, checkpoint dict) from a checkpoint written by any stage; hint says how to make it."""
+    if not os.path.exists(path):
+        fail(f"{path} not found: {hint}")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model = model_class(**ck["model_args"]).to(device)
+    model.load_state_dict(ck["model"])
+    return model.eval().requires_grad_(False), ck
+
+
 # ----------------------------------------------------------------------------- data
 
 def load_tokens(out, split):

@@ -1,7 +1,5 @@
 """eval.py and probe.py: Frechet distance vs closed form, precision/recall, noise at a given SNR, probes, inputs."""
-import os
 
-import pytest
 import torch
 from PIL import Image
 

@@ -1,5 +1,4 @@
 """The torch K-means: exact nearest centroids, known clusters, scikit-learn's inertia, empty clusters."""
-import numpy as np
 import pytest
 import torch
 

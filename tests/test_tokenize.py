@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_image_folder, run_script
+from conftest import run_script
 from tokenize_kmeans import MNIST5k, dataset_for_tokens, token_dtype
 
 TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers", "0", "--batch-size", "5", "--precision", "fp32"]

@@ -129,7 +129,7 @@ def test_whole_chain_gpt_sample_eval_sweep(decoder_out):
     """tokens -> GPT -> sample.py -> eval.py --sweep --report on the tiny run: every stage fits the next."""
     import json
     run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32")
-    p = run_script("eval.py", "--out", decoder_out, "--sweep", "top-k", "--values", "1,0", "--sweep-samples", "2",
+    run_script("eval.py", "--out", decoder_out, "--sweep", "top-k", "--values", "1,0", "--sweep-samples", "2",
                    "--fd-size", "28", "--report")
     res = json.load(open(os.path.join(decoder_out, "eval.json")))["sweep"]
     assert res["setting"] == "top-k" and [r["value"] for r in res["rows"]] == [1.0, 0.0]
