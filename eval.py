@@ -212,7 +212,8 @@ def stability(args, val_tok, device):
     centroids = cb["centroids"].to(device)
     sub = torch.utils.data.Subset(dataset_for_tokens(val_tok), range(n))
     dino_x = torch.stack([sub[i][0] for i in range(n)])  # ImageNet-normalised, the encoder's input space
-    vq_x = torch.stack([to_unit(ImagesWithTokens(val_tok, vq_ck["pixel_size"])[i][0]) for i in range(n)])  # [-1, 1]
+    pixels = ImagesWithTokens(val_tok, vq_ck["pixel_size"])  # built once: it reloads the dataset
+    vq_x = torch.stack([to_unit(pixels[i][0]) for i in range(n)])  # [-1, 1], the VQ's input space
 
     def digit_latent(x):
         f = torch.cat([encoder.get_intermediate_layers(c.to(device), [cb["layer"]])[0].float() for c in x.split(args.batch_size)])

@@ -65,15 +65,14 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 
 @torch.no_grad()
 def generate(model, labels, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, gen=None, use_cache=True, progress=False):
-    """DiGIT tokens [B, T] for class labels [B] (None: unconditional), one token per step.
+    """DiGIT tokens [B, T] for class labels [B] (model.null_class: unconditional), one token per step.
 
     With cfg_scale != 1 the conditional rows and their null-class twins run as one batch of 2B and
     the logits are mixed as uncond + s * (cond - uncond) (Ho & Salimans 2022)."""
-    B, T = len(labels) if labels is not None else 1, model.block_size
+    B, T = len(labels), model.block_size
     device = model.tok_emb.weight.device
-    cond = labels if labels is not None else torch.full((B,), model.null_class, device=device)
-    guided = cfg_scale != 1.0 and labels is not None
-    rows = torch.cat([cond, torch.full_like(cond, model.null_class)]) if guided else cond
+    guided = cfg_scale != 1.0
+    rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     cache = KVCache(model, len(rows)) if use_cache else None
     tokens = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
     for t in tqdm(range(T), desc="tokens", unit="tok", leave=False, disable=not progress):
@@ -175,13 +174,10 @@ def main(argv=None):
     if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
         tokens, labels, n = real_tokens(args.from_tokens, args.num_samples, gpt_ck, device)
     for s in tqdm(range(0, n if not args.from_tokens else 0, args.batch_size), desc="batches", unit="batch"):
-        lab = None if labels is None else labels[s: s + args.batch_size]
-        b = min(args.batch_size, n - s)
-        if lab is None:  # unconditional: generate() takes the batch size from the null-class rows
-            lab_rows = torch.full((b,), gpt.null_class, device=device)
-            tokens.append(generate(gpt, lab_rows, args.temperature, args.top_k, args.top_p, 1.0, gen, not args.no_cache, True))
-        else:
-            tokens.append(generate(gpt, lab, args.temperature, args.top_k, args.top_p, args.cfg_scale, gen, not args.no_cache, True))
+        # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
+        rows_s = torch.full((min(args.batch_size, n - s),), gpt.null_class, device=device) if labels is None else labels[s: s + args.batch_size]
+        cfg = args.cfg_scale if labels is not None else 1.0
+        tokens.append(generate(gpt, rows_s, args.temperature, args.top_k, args.top_p, cfg, gen, not args.no_cache, True))
     tokens = torch.cat(tokens) if isinstance(tokens, list) else tokens
     folder = args.samples_dir or os.path.join(args.out, "samples")
     os.makedirs(folder, exist_ok=True)
