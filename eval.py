@@ -19,7 +19,6 @@ Run (reads out/; writes out/eval.md, out/eval.json, out/stability.png; --report 
 """
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -29,12 +28,12 @@ import sys
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, load_encoder,
-                             nearest_centroid, save_atomic)
+from probe import dinov2_features
+from tokenize_kmeans import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, load_encoder,
+                             nearest_centroid)
 from train_decoder import ImagesWithTokens, load_vq, to_unit, vq_encode
 from train_gpt import load_tokens
 
@@ -49,7 +48,7 @@ def get_args(argv=None):
     a("--out", default="out", help="where tokens/checkpoints are and results go (default: %(default)s)")
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
-    a("--fd-encoder", default="dinov2_vits14_offline", help="DINOv2 variant for FD and the classifier (default: %(default)s)")
+    a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
     a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
     a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
@@ -108,16 +107,6 @@ class Featurizer:
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self.model(self.norm(x.clamp(0, 1)))[:, 0].float().cpu()
 
-    def of_loader(self, loader, desc):
-        return torch.cat([self(x) for x, *_ in tqdm(loader, desc=desc, leave=False)])
-
-
-def unit_images(tok, size=None):
-    """The real images of a token file as [0, 1] tensors, resized and cropped as the tokenizer saw them."""
-    size = size or tok["image_size"]
-    tf = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size), transforms.ToTensor()]
-    return dataset_for_tokens(tok, transform=transforms.Compose(tf))
-
 
 def load_samples(folder):
     """Images of a folder as [0, 1] tensors (resized to the most common size, with a warning) and the
@@ -136,25 +125,22 @@ def load_samples(folder):
     return torch.stack(imgs), torch.tensor(labels)
 
 
-def reference(args, feat, train_tok, val_tok):
-    """DINOv2 features of the real train and val images, cached in a file keyed by data + extractor."""
-    spec = json.dumps([train_tok["data"]["name"], train_tok["data"]["root"], len(train_tok["tokens"]), len(val_tok["tokens"]),
-                       args.fd_encoder, args.fd_size])
-    path = os.path.join(args.out, f"fd_reference_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+def reference(args, train_tok, val_tok, device):
+    """DINOv2 CLS features of the real train and val images (probe.py's cached features when the
+    extractor is the tokenizer's encoder at its image size, as in the demo)."""
+    same = args.fd_encoder == train_tok["encoder"]
+    layer = train_tok["layer"] if same else ENCODERS[args.fd_encoder]["depth"] - 1
     ref = {}
     for split, tok in (("train", train_tok), ("val", val_tok)):
-        ref[split] = feat.of_loader(DataLoader(unit_images(tok), batch_size=args.batch_size), f"DINOv2 features of real {split}")
+        ref[split] = dinov2_features(tok, args.fd_encoder, args.fd_size, layer, args.batch_size, device, args.out)["cls"]
         ref[f"{split}_labels"] = tok["labels"]
-    save_atomic(ref, path)
     return ref
 
 
 def generative_scores(args, folder, train_tok, val_tok, device):
     images, wanted = load_samples(folder)
+    ref = reference(args, train_tok, val_tok, device)
     feat = Featurizer(args.fd_encoder, args.fd_size, device)
-    ref = reference(args, feat, train_tok, val_tok)
     fake = torch.cat([feat(x) for x in tqdm(images.split(args.batch_size), desc="DINOv2 features of samples", leave=False)])
     real = ref["val"]
     if len(fake) < fake.shape[1]:

@@ -12,17 +12,19 @@ Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe
     python probe.py --no-dinov2          # skip the (slower) DINOv2 baseline
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from sample import load_gpt
-from tokenize_kmeans import autocast_dtype, dataset_for_tokens, fail, load_encoder
+from tokenize_kmeans import autocast_dtype, dataset_for_tokens, fail, gather_rows, image_transform, load_encoder, save_atomic
 from train_gpt import load_tokens
 
 
@@ -33,7 +35,7 @@ def get_args(argv=None):
     a("--epochs", type=int, default=100, help="epochs of the linear classifiers (default: %(default)s)")
     a("--lr", type=float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
     a("--batch-size", type=int, default=256, help="batch for features and classifiers (default: %(default)s)")
-    a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it re-encodes every image)")
+    a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it encodes every image once; eval.py reuses the features)")
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
     a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return p.parse_args(argv)
@@ -52,15 +54,30 @@ def gpt_features(model, tokens, batch_size, device):
 
 
 @torch.no_grad()
-def dinov2_features(tok, batch_size, device, cache=None):
-    """Mean-pooled patch features of the layer the tokenizer clustered (the tokens' ceiling)."""
-    model = load_encoder(tok["encoder"], cache or os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+def dinov2_features(tok, encoder, size, layer, batch_size, device, out):
+    """Global DINOv2 descriptors of the real images behind a token file, from one encoder pass:
+    'pooled' (mean-pooled patch features of block `layer`: this probe's baseline) and 'cls' (eval.py's
+    FD_DINOv2 feature). Cached in OUT under a name keyed by data + encoder + size + layer, so probe.py
+    and eval.py encode the real images once. Under torchrun each rank encodes every world-th image."""
+    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), encoder, size, layer])
+    path = os.path.join(out, f"dinov2_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
     dtype = autocast_dtype("auto", device)
+    images = dataset_for_tokens(tok, transform=image_transform(size))
+    mine = list(range(rank, len(images), world))
     feats = []
-    for x, _ in tqdm(DataLoader(dataset_for_tokens(tok), batch_size=batch_size), desc=f"DINOv2 features ({tok['data']['split']})", leave=False):
+    for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size), desc=f"DINOv2 features of real {tok['data']['split']}",
+                     leave=False, disable=rank != 0):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats.append(model.get_intermediate_layers(x.to(device), [tok["layer"]])[0].float().mean(1).cpu())
-    return torch.cat(feats)
+            feats.append(torch.cat(model.pooled_and_cls(x.to(device), layer), dim=1).float())
+    feats = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()  # back in dataset order
+    result = dict(pooled=feats[:, : feats.shape[1] // 2], cls=feats[:, feats.shape[1] // 2:])
+    if rank == 0:
+        save_atomic(result, path)
+    return result
 
 
 def bag_of_tokens(tok):
@@ -110,7 +127,8 @@ def main(argv=None):
     sets.append((bag_of_tokens(train)[None], bag_of_tokens(val)[None]))
     names.append(f"baseline: bag of tokens (K={train['vocab_size']})")
     if not args.no_dinov2:
-        sets.append((dinov2_features(train, args.batch_size, device)[None], dinov2_features(val, args.batch_size, device)[None]))
+        feats = [dinov2_features(t, t["encoder"], t["image_size"], t["layer"], args.batch_size, device, args.out)["pooled"] for t in (train, val)]
+        sets.append((feats[0][None], feats[1][None]))
         names.append(f"baseline: DINOv2 {train['encoder']} block {train['layer']}, mean-pooled")
     acc = []
     for tr, va in sets:  # one joint run per feature width

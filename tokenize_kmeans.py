@@ -289,6 +289,17 @@ class ViT(nn.Module):
                 outs.append((self.norm(x) if norm else x)[:, skip:])
         return outs
 
+    def pooled_and_cls(self, x, layer):
+        """Two image descriptors from one pass: the mean of block `layer`'s patch tokens (final norm
+        applied, what the tokens are clustered from) and the CLS token after the last block and norm."""
+        skip = 1 + (0 if self.register_tokens is None else self.register_tokens.shape[1])
+        x = self.embed(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == layer:
+                pooled = self.norm(x)[:, skip:].mean(1)
+        return pooled, self.norm(x[:, :1])[:, 0]
+
     def forward(self, x):
         """Last hidden state after the final norm, all tokens (what the ONNX reference outputs)."""
         x = self.embed(x)
@@ -538,6 +549,9 @@ def encode(model, dataset, indices, layer, args, device, rank, desc):
     bar.close()
 
 
+KEEP_FEATURES_BYTES = 2e9  # per process: train features kept from the fit for tokenizing (see fit_codebook)
+
+
 def fit_codebook(args, model, train, layer, device, rank, world):
     """Encode a random subset of train images, keep some patches of each, run K-means on them."""
     hw = (args.image_size // 14) ** 2
@@ -545,9 +559,17 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     # a quarter of each image's patches: more images, less correlated points for the same budget
     per_image = max(1, min(hw, hw // 4 if n_fit < len(train) * hw // 4 else math.ceil(n_fit / len(train))))
     n_img = min(len(train), math.ceil(n_fit / per_image))
+    if 2 * n_img >= len(train):  # most of the set anyway: encode all of it, once (see keep_all)
+        n_img = len(train)
     images = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:n_img].sort().values
-    points, keys = [], []
-    for feats, _, idx, _ in encode(model, train, images[rank::world].tolist(), layer, args, device, rank, "encode (fit)"):
+    # When the fit sees every train image (small sets such as the demo) and their features fit in
+    # memory, keep them: tokenizing train then needs no second pass through the encoder.
+    keep_all = n_img == len(train) and n_img * hw * model.norm.weight.numel() * 4 <= KEEP_FEATURES_BYTES * world
+    points, keys, batches = [], [], []
+    for batch in encode(model, train, images[rank::world].tolist(), layer, args, device, rank, "encode (fit)"):
+        feats, _, idx, _ = batch
+        if keep_all:
+            batches.append(batch)
         for f, i in zip(feats, idx.tolist()):  # the patches kept depend on the image only, not on the rank
             keep = torch.randperm(hw, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))[:per_image]
             points.append(f[keep.to(device)])
@@ -566,22 +588,22 @@ def fit_codebook(args, model, train, layer, device, rank, world):
               f"dim {x.shape[2]}, {args.init} init from {len(sample)} patches")
     C0 = init_centroids(sample, args.k, args.init, args.seed)
     C, stats = kmeans(x.flatten(0, 1), C0, args.iters, args.seed, args.tol, verbose=rank == 0)
-    return C + mean, stats
+    return C + mean, stats, batches if keep_all else None
 
 
-def tokenize_split(args, model, ds, layer, centroids, device, rank, world, split):
-    """Tokens [N, h*w] and labels [N] of a whole split in dataset order; unreadable images are dropped."""
+def tokenize_split(batches, centroids, hw, device):
+    """Tokens [N, h*w] and labels [N] of a whole split in dataset order from encode()'s batches of
+    every rank; unreadable images are dropped."""
     mean = centroids.mean(0)  # any centre works; this one keeps the fp32 distance accurate
     C = centroids - mean
     tokens, labels, keys, bad_names = [], [], [], []
-    for feats, lab, idx, bad in encode(model, ds, list(range(rank, len(ds), world)), layer, args, device, rank, f"tokenize {split}"):
+    for feats, lab, idx, bad in batches:
         bad_names += bad
         if feats is not None:
             # int32 on the wire: 4x smaller than int64 and every backend (gloo, NCCL) can all-gather it
             tokens.append(nearest_centroid((feats - mean).flatten(0, 1), C)[0].view(len(idx), -1).int())
             labels.append(lab.to(device))
             keys.append(idx.to(device))
-    hw = (args.image_size // 14) ** 2
     tokens = torch.cat(tokens) if tokens else torch.zeros(0, hw, dtype=torch.int32, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=device)
@@ -660,6 +682,7 @@ def main(argv=None):
 
     # 1) the codebook (reused if a codebook.pt with the same settings exists: the fit is the long part)
     cb_path = os.path.join(args.out, "codebook.pt")
+    train_batches = None
     old = torch.load(cb_path, map_location="cpu", weights_only=True) if os.path.exists(cb_path) else None
     if old is not None and old.get("fit_config") == fit_config and not args.refit:
         centroids = old["centroids"].to(device)
@@ -667,7 +690,7 @@ def main(argv=None):
             print(f"reusing {cb_path} (same settings; --refit to fit again)")
     else:
         t0 = time.time()
-        centroids, stats = fit_codebook(args, model, train, layer, device, rank, world)
+        centroids, stats, train_batches = fit_codebook(args, model, train, layer, device, rank, world)
         if rank == 0:
             c = stats["counts"]
             save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer, image_size=args.image_size,
@@ -679,7 +702,9 @@ def main(argv=None):
 
     # 2) every image of both splits through encoder + nearest centroid
     for split, ds in (("train", train), ("val", val)):
-        tokens, labels, index, bad = tokenize_split(args, model, ds, layer, centroids, device, rank, world, split)
+        batches = train_batches if split == "train" and train_batches is not None else \
+            encode(model, ds, list(range(rank, len(ds), world)), layer, args, device, rank, f"tokenize {split}")
+        tokens, labels, index, bad = tokenize_split(batches, centroids, hw, device)
         if rank != 0:
             continue
         if bad:

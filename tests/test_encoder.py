@@ -23,6 +23,10 @@ def test_vit_shapes(registers, hw):
     assert last.shape == (2, 1 + registers + n, 32)
     assert [f.shape for f in feats] == [(2, n, 32)] * 2
     torch.testing.assert_close(feats[1], last[:, 1 + registers:])  # block 3 of 4 = the last hidden state
+    with torch.no_grad():
+        pooled, cls = vit.pooled_and_cls(x, 1)  # the probe's / eval's image descriptors, one pass
+    torch.testing.assert_close(pooled, feats[0].mean(1))
+    torch.testing.assert_close(cls, last[:, 0])
 
 
 def test_official_resize_rule_differs_from_size_rule():

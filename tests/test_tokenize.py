@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import run_script
+import tokenize_kmeans as tk
 from tokenize_kmeans import MNIST5k, dataset_for_tokens, token_dtype
 
 TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers", "0", "--batch-size", "5", "--precision", "fp32"]
@@ -36,6 +37,18 @@ def test_token_files_follow_design(tokenized):
         assert t["classes"] == ["bars", "disc"]
         assert t["data"]["name"] == "imagefolder" and t["data"]["split"] == split
         assert (t["encoder"], t["layer"], t["image_size"]) == (cb["encoder"], cb["layer"], cb["image_size"])
+
+
+def test_train_features_kept_from_the_fit_give_the_tokens_of_a_second_pass(image_folder):
+    args = tk.get_args(["--data", image_folder, *TINY])
+    args.dtype, cpu = None, torch.device("cpu")
+    train = tk.make_dataset(image_folder, "train", 56, args.cache)
+    model = tk.load_encoder(args.encoder, args.cache)
+    centroids, _, kept = tk.fit_codebook(args, model, train, 9, cpu, 0, 1)
+    assert kept is not None  # 24 readable images: the fit encodes all of them
+    again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again")
+    a, b = tk.tokenize_split(kept, centroids, 16, cpu), tk.tokenize_split(again, centroids, 16, cpu)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[3] == b[3] == [train.name(24)]
 
 
 def test_corrupt_image_is_skipped_and_named(tokenized):

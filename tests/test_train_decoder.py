@@ -135,3 +135,21 @@ def test_whole_chain_gpt_sample_eval_sweep(decoder_out):
     assert res["setting"] == "top-k" and [r["value"] for r in res["rows"]] == [1.0, 0.0]
     assert all(r["n_samples"] == 4 and r["fd_dinov2"] >= 0 and 0 <= r["class_agreement"] <= 1 for r in res["rows"])
     assert "## Sampling sweep: top-k" in open(os.path.join(decoder_out, "report.md")).read()
+
+
+def test_probe_and_eval_encode_the_real_images_once(decoder_out):
+    """probe.py's DINOv2 baseline and eval.py's reference share one cached pass when the extractor is the tokenizer's."""
+    import glob
+    import json
+    for f in glob.glob(os.path.join(decoder_out, "dinov2_*.pt")):
+        os.remove(f)
+    run_script("probe.py", "--out", decoder_out, "--epochs", "2")
+    cached = sorted(glob.glob(os.path.join(decoder_out, "dinov2_*.pt")))
+    assert len(cached) == 2 and "baseline: DINOv2" in open(os.path.join(decoder_out, "probe.md")).read()
+    stamps = [os.path.getmtime(f) for f in cached]
+    run_script("eval.py", "--out", decoder_out, "--rendered", os.path.join(decoder_out, "sweep", "top-k_1"), "--fd-size", "56")
+    assert sorted(glob.glob(os.path.join(decoder_out, "dinov2_*.pt"))) == cached  # reused, not recomputed
+    assert [os.path.getmtime(f) for f in cached] == stamps
+    feats = torch.load(cached[0], weights_only=True)
+    assert feats["pooled"].shape == feats["cls"].shape == (8 if "val" in cached[0] else 16, 384)
+    assert json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]["n_samples"] == 4
