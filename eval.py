@@ -8,7 +8,9 @@ the feature space of a DINOv2 encoder (offline ViT-S/14 by default):
     on the real train set. It has the form of the Inception Score but is NOT the Inception Score.
     Also: how often that classifier agrees with the class a sample was generated for.
   - precision / recall of k-NN manifolds (Kynkaanniemi et al. 2019).
-Inception-based FID/IS are not implemented here (they need the FID Inception weights download).
+  - FID and Inception Score with the standard FID Inception-v3 (pytorch-fid's port of the TF graph) when
+    its weights load: downloaded once through torch.hub, or --inception-weights FILE; skipped with a note
+    otherwise (offline).
 
 Latent stability (--stability): Gaussian noise at SNR 30 ... 0.01 dB is added to val images, and for
 both tokenizers (the pixel VQ of vq.pt and DiGIT's K-means on DINOv2, codebook.pt) we report the
@@ -16,8 +18,10 @@ fraction of tokens that change and the cosine similarity between clean and noisy
 
 Run (reads out/; writes out/eval.md, out/eval.json, out/stability.png; --report also out/report.md):
     python eval.py --samples out/samples --stability --report
+    torchrun --nproc_per_node 8 eval.py --out out_imagenet --samples out_imagenet/samples   # features sharded
 """
 import argparse
+import functools
 import glob
 import json
 import os
@@ -26,14 +30,17 @@ import shutil
 import sys
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from probe import dinov2_features
-from tokenize_kmeans import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, load_encoder,
-                             nearest_centroid)
+from probe import dinov2_features, real_features
+from tokenize_kmeans import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, gather_rows,
+                             init_distributed, load_encoder, nearest_centroid)
 from train_decoder import ImagesWithTokens, load_vq, to_unit, vq_encode
 from train_gpt import load_tokens
 
@@ -50,6 +57,9 @@ def get_args(argv=None):
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
+    a("--inception", default="auto", choices=["auto", "on", "off"], help="Inception FID and IS: auto = when the FID Inception "
+      "weights load (--inception-weights, or the torch.hub download), on = required, off = skip (default: %(default)s)")
+    a("--inception-weights", default=None, help="local copy of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights)")
     a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
     a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
     a("--stability-images", type=int, default=200, help="val images for the stability experiment (default: %(default)s)")
@@ -97,7 +107,7 @@ class Featurizer:
     """DINOv2 CLS features (after the final norm) of images in [0, 1], resized to size x size."""
 
     def __init__(self, encoder, size, device):
-        self.model = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+        self.model = load_encoder(encoder).to(device)
         self.size, self.device, self.dtype = size, device, autocast_dtype("auto", device)
         self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
@@ -108,21 +118,37 @@ class Featurizer:
             return self.model(self.norm(x.clamp(0, 1)))[:, 0].float().cpu()
 
 
-def load_samples(folder):
-    """Images of a folder as [0, 1] tensors (resized to the most common size, with a warning) and the
-    class each was generated for (from sample.py's NNNNN_classK.png names; -1 if unknown)."""
+def list_samples(folder):
+    """Sample images of a folder (sample.py's grid/token pictures excluded), the class each was generated
+    for (from sample.py's NNNNN_classK.png names; -1 if unknown) and the size most of them have."""
     files = sorted(f for ext in ("png", "jpg", "jpeg") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
     files = [f for f in files if not os.path.basename(f).startswith(("grid", "tokens"))]
     if len(files) < 2:
         fail(f"{folder} holds {len(files)} sample image(s); at least 2 are needed")
-    imgs = [transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
-    sizes = [tuple(i.shape[1:]) for i in imgs]
+    sizes = [Image.open(f).size[::-1] for f in files]  # reads the header only
     common = max(set(sizes), key=sizes.count)
     if len(set(sizes)) > 1:
         print(f"warning: samples have {len(set(sizes))} different sizes; resizing all to {common}", file=sys.stderr)
-        imgs = [F.interpolate(i[None], size=common, mode="bilinear", align_corners=False)[0] for i in imgs]
     labels = [int(m.group(1)) if (m := re.search(r"_class(\d+)\.", os.path.basename(f))) else -1 for f in files]
-    return torch.stack(imgs), torch.tensor(labels)
+    return files, torch.tensor(labels), common
+
+
+def load_images(files, size):
+    """[N, 3, H, W] in [0, 1], each resized to size (h, w) if it differs."""
+    imgs = [transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
+    return torch.stack([i if tuple(i.shape[1:]) == size else
+                        F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in imgs])
+
+
+def sample_features(extract, files, size, batch_size, device):
+    """extract(images) of sample files; under torchrun each rank reads and encodes every world-th file."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(files) < world:
+        fail(f"{len(files)} samples for {world} processes")
+    mine = torch.arange(rank, len(files), world)
+    out = torch.cat([extract(load_images([files[i] for i in chunk], size).to(device)) for chunk in
+                     tqdm(mine.split(batch_size), desc="features of samples", leave=False, disable=rank != 0)])
+    return gather_rows(out.to(device), mine.to(device))[0].cpu()  # device tensors: NCCL gathers on the GPU
 
 
 def reference(args, train_tok, val_tok, device):
@@ -137,11 +163,10 @@ def reference(args, train_tok, val_tok, device):
     return ref
 
 
-def generative_scores(args, folder, train_tok, val_tok, device):
-    images, wanted = load_samples(folder)
+def generative_scores(args, folder, train_tok, val_tok, device, inception=None):
+    files, wanted, size = list_samples(folder)
     ref = reference(args, train_tok, val_tok, device)
-    feat = Featurizer(args.fd_encoder, args.fd_size, device)
-    fake = torch.cat([feat(x) for x in tqdm(images.split(args.batch_size), desc="DINOv2 features of samples", leave=False)])
+    fake = sample_features(Featurizer(args.fd_encoder, args.fd_size, device), files, size, args.batch_size, device)
     real = ref["val"]
     if len(fake) < fake.shape[1]:
         print(f"warning: {len(fake)} samples for {fake.shape[1]}-dim features: the covariance is singular and FD is "
@@ -152,12 +177,86 @@ def generative_scores(args, folder, train_tok, val_tok, device):
     W = fit_classifier(ref["train"], ref["train_labels"], n_classes)
     real_acc = float((W(real).argmax(1) == ref["val_labels"]).float().mean())
     p = W(fake).softmax(1)
-    score = float(torch.exp((p * (p.clamp_min(1e-12).log() - p.mean(0, keepdim=True).clamp_min(1e-12).log())).sum(1).mean()))
+    score = inception_score(p)
     known = wanted >= 0
     agree = float((p.argmax(1)[known] == wanted[known]).float().mean()) if known.any() else float("nan")
     prec, rec = precision_recall(real, fake, args.nearest_k)
-    return dict(n_samples=len(fake), n_real=len(real), fd_dinov2=fd, classifier_score=score, classifier_val_acc=real_acc,
-                class_agreement=agree, precision=prec, recall=rec, feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
+    result = dict(n_samples=len(fake), n_real=len(real), fd_dinov2=fd, classifier_score=score, classifier_val_acc=real_acc,
+                  class_agreement=agree, precision=prec, recall=rec, feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
+    if inception is not None:  # the standard metrics, comparable with published numbers at 50k samples
+        extract = functools.partial(inception_features, inception)
+        pixels = transforms.Compose([transforms.Resize(size[0], interpolation=transforms.InterpolationMode.BICUBIC),
+                                     transforms.CenterCrop(size), transforms.ToTensor()])  # real images at the samples' size
+        real_i = real_features(val_tok, ["fid_inception", size], pixels, lambda: extract, args.batch_size, device, args.out)
+        fake_i = sample_features(extract, files, size, args.batch_size, device)
+        result.update(fid=frechet_distance(*gaussian_stats(real_i[:, :2048]), *gaussian_stats(fake_i[:, :2048])),
+                      inception_score=inception_score(fake_i[:, 2048:].softmax(1), splits=10 if len(fake_i) >= 1000 else 1))
+    return result
+
+
+def inception_score(p, splits=1):
+    """exp(E_x KL(p(y|x) || p(y))) of class probabilities p [N, C], mean over `splits` equal parts (IS uses 10)."""
+    scores = []
+    for q in p.double().chunk(splits):
+        kl = (q * (q.clamp_min(1e-12).log() - q.mean(0, keepdim=True).clamp_min(1e-12).log())).sum(1)
+        scores.append(float(kl.mean().exp()))
+    return sum(scores) / len(scores)
+
+
+# ----------------------------------------------------------------------------- Inception FID / IS (needs the FID weights)
+
+FID_INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+def tf_pool_branch(block, pool, x):
+    """An Inception block as in the TF graph FID is defined by: torchvision's branches, but the pooling branch
+    pools with `pool`. (torchvision's own pooling branch is computed by _forward too and dropped: a 1x1 conv.)"""
+    return torch.cat(block._forward(x)[:-1] + [block.branch_pool(pool(x))], 1)
+
+
+def fid_inception(state=None):
+    """The FID Inception-v3 (TF graph 2015-12-05, as ported by pytorch-fid): torchvision's Inception-v3 with 1008
+    classes, whose pooling branches average without the padded zeros and whose last block max-pools."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=state is None)
+    avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b", "Mixed_7c"):
+        block = getattr(net, name)
+        pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1) if name == "Mixed_7c" else avg
+        block.forward = functools.partial(tf_pool_branch, block, pool)
+    if state is not None:
+        net.load_state_dict(state)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(net, x):
+    """[B, 2048 + 1008]: pool3 features (FID) and logits without the bias (IS, as torch-fidelity) of images in
+    [0, 1], preprocessed as pytorch-fid: bilinear resize to 299 x 299, then scaled to [-1, 1]."""
+    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    fc, net.fc = net.fc, nn.Identity()  # the network up to the average pool, then the classifier by hand
+    try:
+        pool = net(x)
+    finally:
+        net.fc = fc
+    return torch.cat([pool, pool @ fc.weight.T], dim=1).cpu()
+
+
+def fid_inception_or_none(args, device):
+    """The FID Inception network if its weights load (a local file or the torch.hub download), else None (--inception auto)."""
+    if args.inception == "off":
+        return None
+    try:
+        if args.inception_weights:
+            state = torch.load(args.inception_weights, map_location="cpu", weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(FID_INCEPTION_URL, map_location="cpu", weights_only=True, progress=False)
+        return fid_inception(state).to(device)
+    except (OSError, RuntimeError) as e:  # no internet / missing or wrong file
+        if args.inception == "on":
+            fail(f"--inception on: the FID Inception weights did not load ({e})")
+        print(f"note: Inception FID/IS skipped, the FID Inception weights did not load ({str(e)[:80]}); "
+              f"give --inception-weights FILE (from {FID_INCEPTION_URL})", file=sys.stderr)
+        return None
 
 
 def fit_classifier(x, y, n_classes, epochs=50):
@@ -194,7 +293,7 @@ def stability(args, val_tok, device):
         fail(f"{cb_path} not found: run tokenize_kmeans.py --out {args.out} first")
     cb = torch.load(cb_path, map_location="cpu", weights_only=True)
     vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-    encoder = load_encoder(cb["encoder"], os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
+    encoder = load_encoder(cb["encoder"]).to(device)
     centroids = cb["centroids"].to(device)
     sub = torch.utils.data.Subset(dataset_for_tokens(val_tok), range(n))
     dino_x = torch.stack([sub[i][0] for i in range(n)])  # ImageNet-normalised, the encoder's input space
@@ -252,7 +351,7 @@ def plot_stability(st, path):
     fig.savefig(path, dpi=100)
 
 
-def sweep(args, train_tok, val_tok, device):
+def sweep(args, train_tok, val_tok, device, inception=None):
     """Generate with sample.py at each value of one sampling setting and score every set the same way."""
     import sample
     defaults = {"top-k": "10,50,100,200,0", "top-p": "0.6,0.8,0.9,1", "cfg": "1,1.5,2,3,4"}
@@ -264,7 +363,7 @@ def sweep(args, train_tok, val_tok, device):
         shutil.rmtree(folder, ignore_errors=True)  # only this value's images may be scored
         sample.main(["--out", args.out, "--samples-dir", folder, "--class", classes, "--num-samples", str(args.sweep_samples),
                      flag, value, "--seed", str(args.seed)])
-        g = generative_scores(args, folder, train_tok, val_tok, device)
+        g = generative_scores(args, folder, train_tok, val_tok, device, inception)
         rows.append(dict(value=float(value), **g))
         print(f"{args.sweep} {value}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f}, "
               f"agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f}")
@@ -308,6 +407,8 @@ def write_report(args, results):
                   "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |", "|---|---|---|---|---|",
                   f"| {g['fd_dinov2']:.2f} | {g['classifier_score']:.2f} | {100 * g['class_agreement']:.1f}% | {g['precision']:.3f} | {g['recall']:.3f} |",
                   "", f"The classifier (linear, on DINOv2 features of real train images) scores {100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
+        lines += [f"Inception (FID Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.", ""] if "fid" in g else \
+            ["Inception FID/IS: not computed (the FID Inception weights were not available; see eval.py --inception-weights).", ""]
     if "rendered" in results:
         r = results["rendered"]
         lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
@@ -327,20 +428,26 @@ def write_report(args, results):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    rank, world, device = init_distributed(args.device)
     train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     results = {}
+    inception = fid_inception_or_none(args, device) if (args.samples or args.rendered or args.sweep) else None
     for key, folder in (("rendered", args.rendered), ("generative", args.samples)):
         if not folder:
             continue
         if not os.path.isdir(folder):
             fail(f"{folder} is not a folder")
-        g = results[key] = generative_scores(args, folder, train_tok, val_tok, device)
-        print(f"{folder}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
-              f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
-              f"({g['n_samples']} samples, {g['n_real']} real)")
+        g = results[key] = generative_scores(args, folder, train_tok, val_tok, device, inception)
+        if rank == 0:
+            print(f"{folder}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
+                  f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
+                  f"({g['n_samples']} samples, {g['n_real']} real)" + (f"; FID {g['fid']:.2f}, IS {g['inception_score']:.2f}" if "fid" in g else ""))
     if args.sweep:
-        results["sweep"] = sweep(args, train_tok, val_tok, device)
+        results["sweep"] = sweep(args, train_tok, val_tok, device, inception)
+    if dist.is_initialized():  # features were sharded; what follows is small and runs on rank 0
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
     if args.stability:
         results["stability"] = stability(args, val_tok, device)
         print(stability_table(results["stability"]))

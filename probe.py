@@ -10,6 +10,7 @@ per layer, all trained together on cached features. Two baselines in the same ta
 Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe.json):
     python probe.py
     python probe.py --no-dinov2          # skip the (slower) DINOv2 baseline
+    torchrun --nproc_per_node 8 probe.py --out out_imagenet   # features sharded over ranks, gathered in order
 """
 import argparse
 import hashlib
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from sample import load_gpt
-from tokenize_kmeans import autocast_dtype, dataset_for_tokens, fail, gather_rows, image_transform, load_encoder, save_atomic
+from tokenize_kmeans import (autocast_dtype, dataset_for_tokens, fail, gather_rows, image_transform, init_distributed, load_encoder,
+                             save_atomic)
 from train_gpt import load_tokens
 
 
@@ -44,40 +46,53 @@ def get_args(argv=None):
 @torch.no_grad()
 def gpt_features(model, tokens, batch_size, device):
     """[n_layer, N, C]: per layer, LayerNorm (no affine) of the hidden states at the image-token
-    positions, averaged over positions. The condition is the null class, so no label leaks in."""
+    positions, averaged over positions. The condition is the null class, so no label leaks in.
+    Under torchrun each rank runs every world-th image; the result is gathered in order on every rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = torch.arange(rank, len(tokens), world)
     feats = []
-    for chunk in tqdm(tokens.split(batch_size), desc="GPT features", leave=False):
+    for chunk in tqdm(tokens[mine].split(batch_size), desc="GPT features", leave=False, disable=rank != 0):
         chunk = chunk.long().to(device)
         _, hidden = model(chunk[:, :-1], None, return_hidden=True)
-        feats.append(torch.stack([F.layer_norm(h[:, 1:].float(), h.shape[-1:]).mean(1) for h in hidden]).cpu())
-    return torch.cat(feats, dim=1)
+        feats.append(torch.stack([F.layer_norm(h[:, 1:].float(), h.shape[-1:]).mean(1) for h in hidden], dim=1))
+    feats = torch.cat(feats) if feats else torch.zeros(0, len(model.blocks), model.tok_emb.weight.shape[1], device=device)
+    return gather_rows(feats, mine.to(device))[0].transpose(0, 1).contiguous().cpu()
 
 
 @torch.no_grad()
-def dinov2_features(tok, encoder, size, layer, batch_size, device, out):
-    """Global DINOv2 descriptors of the real images behind a token file, from one encoder pass:
-    'pooled' (mean-pooled patch features of block `layer`: this probe's baseline) and 'cls' (eval.py's
-    FD_DINOv2 feature). Cached in OUT under a name keyed by data + encoder + size + layer, so probe.py
-    and eval.py encode the real images once. Under torchrun each rank encodes every world-th image."""
-    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), encoder, size, layer])
-    path = os.path.join(out, f"dinov2_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
+def real_features(tok, key, transform, make_extractor, batch_size, device, out):
+    """extract(images) [B, F] for every real image behind a token file (extract = make_extractor(), built only
+    when needed), cached in OUT under a name keyed by the data and `key` (the extractor), so later runs and
+    other stages reuse it. Under torchrun each rank encodes every world-th image; rows come back in dataset order."""
+    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), key])
+    path = os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)["features"]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    model = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))).to(device)
-    dtype = autocast_dtype("auto", device)
-    images = dataset_for_tokens(tok, transform=image_transform(size))
+    extract, images = make_extractor(), dataset_for_tokens(tok, transform=transform)
     mine = list(range(rank, len(images), world))
-    feats = []
-    for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size), desc=f"DINOv2 features of real {tok['data']['split']}",
-                     leave=False, disable=rank != 0):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            feats.append(torch.cat(model.pooled_and_cls(x.to(device), layer), dim=1).float())
-    feats = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()  # back in dataset order
-    result = dict(pooled=feats[:, : feats.shape[1] // 2], cls=feats[:, feats.shape[1] // 2:])
+    feats = [extract(x.to(device)).float() for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size),
+                                                           desc=f"features of real {tok['data']['split']} ({key[0]})", leave=False, disable=rank != 0)]
+    feats = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()
     if rank == 0:
-        save_atomic(result, path)
-    return result
+        save_atomic(dict(features=feats, key=key), path)
+    return feats
+
+
+def dinov2_features(tok, encoder, size, layer, batch_size, device, out):
+    """Global DINOv2 descriptors of the real images, from one encoder pass: 'pooled' (mean-pooled patch
+    features of block `layer`: this probe's baseline) and 'cls' (eval.py's FD_DINOv2 feature). Cached,
+    so probe.py and eval.py encode the real images once."""
+    def make_extractor():
+        model, dtype = load_encoder(encoder).to(device), autocast_dtype("auto", device)
+
+        def extract(x):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                return torch.cat(model.pooled_and_cls(x, layer), dim=1)
+        return extract
+
+    f = real_features(tok, [encoder, size, layer], image_transform(size), make_extractor, batch_size, device, out)
+    return dict(pooled=f[:, : f.shape[1] // 2], cls=f[:, f.shape[1] // 2:])
 
 
 def bag_of_tokens(tok):
@@ -113,7 +128,7 @@ def train_linear(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_si
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    rank, world, device = init_distributed(args.device)
     model, ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     if train.get("labels") is None:
@@ -130,6 +145,10 @@ def main(argv=None):
         feats = [dinov2_features(t, t["encoder"], t["image_size"], t["layer"], args.batch_size, device, args.out)["pooled"] for t in (train, val)]
         sets.append((feats[0][None], feats[1][None]))
         names.append(f"baseline: DINOv2 {train['encoder']} block {train['layer']}, mean-pooled")
+    if dist.is_initialized():  # features are gathered on every rank; the small classifiers train on rank 0
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
     acc = []
     for tr, va in sets:  # one joint run per feature width
         acc += train_linear(tr, train["labels"], va, val["labels"], n_classes, args.epochs, args.lr, args.batch_size, args.seed).tolist()

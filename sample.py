@@ -2,23 +2,31 @@
 Generate images with DiGIT: GPT samples DiGIT tokens (KV cache, top-k/top-p, classifier-free
 guidance), the MaskGIT decoder turns them into VQ tokens, the VQ decoder paints pixels.
 
-Run (reads out/gpt.pt, out/decoder.pt, out/vq.pt; writes out/samples/):
+Run (reads out/gpt.pt, out/decoder.pt, out/vq.pt; writes out/samples/: NNNNN_classK.png, grid.png,
+tokens.pt, samples.npz):
     python sample.py --class 7                       # 8 samples of class 7
     python sample.py --class 1,7,9 --num-samples 4   # one row per class
     python sample.py --class 207 --cfg-scale 4 --top-k 300 --out out_imagenet
-    python sample.py                                 # unconditional (or random classes)
+    python sample.py                                 # unconditional (or a random class)
+    torchrun --nproc_per_node 8 sample.py --class $(seq -s, 0 999) --num-samples 50 --out out_imagenet   # 50k for FID
+
+Batches are spread over the ranks and each has its own seed, so the images are the same for any number of
+processes; a batch is finished when its part file (samples/parts/) exists, so an interrupted run continues.
 """
 import argparse
 import math
 import os
 import sys
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from tokenize_kmeans import fail, save_atomic
+from tokenize_kmeans import fail, init_distributed, save_atomic
 from train_decoder import decode, load_decoder, load_vq, vq_decode
 from train_gpt import GPT, KVCache, load_model
 
@@ -41,6 +49,7 @@ def get_args(argv=None):
     a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
     a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
     a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
+    a("--no-npz", action="store_true", help="do not write samples.npz (all samples as one uint8 array, for FID tools)")
     a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
     a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return p.parse_args(argv)
@@ -139,72 +148,127 @@ def real_tokens(path, n, gpt_ck, device):
     return tok["tokens"][rows].long().to(device), labels, len(rows)
 
 
+def sampling_plan(args, gpt, gpt_ck, device):
+    """Class label of every sample ([n], or None for an unconditional model), the given DiGIT tokens
+    (--from-tokens) or None, and a line describing it."""
+    classes, gen = gpt_ck["classes"], torch.Generator().manual_seed(args.seed)
+    if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
+        tokens, labels, _ = real_tokens(args.from_tokens, args.num_samples, gpt_ck, device)
+        return labels, tokens, f"rendering {len(tokens)} real token grids of {args.from_tokens}"
+    if gpt.n_classes == 0:
+        return None, None, f"{args.num_samples} unconditional samples"
+    if args.classes is None:
+        rows = torch.randint(gpt.n_classes, (1,), generator=gen).tolist()
+        note = f"no --class given: a random class ({classes[rows[0]]})"
+    else:
+        rows = parse_classes(args.classes, classes)
+        note = "classes " + ", ".join(f"{c} ({classes[c]})" for c in rows)
+    return torch.tensor(rows, device=device).repeat_interleave(args.num_samples), None, f"{args.num_samples} per class, {note}"
+
+
+def sample_batch(args, models, labels, tokens, n, gen):
+    """One batch: DiGIT tokens from the GPT (unless given), then pixels [b, 3, H, W] in [-1, 1] (None with --tokens-only)."""
+    gpt, dec, vq, vq_grid = models
+    if tokens is None:
+        # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
+        rows = torch.full((n,), gpt.null_class, device=gpt.tok_emb.weight.device) if labels is None else labels
+        cfg = args.cfg_scale if labels is not None else 1.0
+        tokens = generate(gpt, rows, args.temperature, args.top_k, args.top_p, cfg, gen, not args.no_cache, True)
+    if args.tokens_only:
+        return tokens, None
+    vq_ids = decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen)
+    return tokens, vq_decode(vq, vq_ids, vq_grid).float().cpu()
+
+
+def png_name(folder, i, labels, n):
+    tag = "uncond" if labels is None else f"class{int(labels[i])}"
+    return os.path.join(folder, f"{i:0{max(5, len(str(n - 1)))}d}_{tag}.png")
+
+
+def read_pngs(paths):
+    """uint8 [N, H, W, 3] of saved samples (what FID tools read: the .npz layout of OpenAI's evaluator)."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in tqdm(paths, desc="read PNGs", leave=False)])
+
+
+def finish(args, folder, parts, labels, n, gpt_ck):
+    """Rank 0, after every batch is done: tokens.pt, grid.png, tokens.png and samples.npz from the saved parts and PNGs."""
+    tokens = torch.cat([torch.load(p, weights_only=True)["tokens"] for p in parts])
+    save_atomic(dict(tokens=tokens, labels=None if labels is None else labels.cpu(), grid=gpt_ck["grid"],
+                     vocab_size=gpt_ck["vocab_size"], classes=gpt_ck["classes"], config=vars(args)), os.path.join(folder, "tokens.pt"))
+    print(f"tokens [{n}, {tokens.shape[1]}] -> {folder}/tokens.pt")
+    if args.tokens_only:
+        return tokens, None
+    nrow = args.num_samples if not args.from_tokens else math.ceil(math.sqrt(min(n, 256)))
+    shown = min(n, 16 * nrow)  # the picture shows at most 16 rows (classes); every sample is a PNG
+    images = torch.from_numpy(read_pngs([png_name(folder, i, labels, n) for i in range(shown)])).permute(0, 3, 1, 2).float() / 255
+    save_image(make_grid(images, nrow=nrow, padding=2), os.path.join(folder, "grid.png"))
+    print(f"{n} images -> {folder}/NNNNN_*.png, first {shown} in {folder}/grid.png")
+    if args.show_tokens:
+        pic = token_picture(tokens[:shown], tuple(gpt_ck["grid"]), images.shape[-1], gpt_ck["vocab_size"]) / 2 + 0.5
+        save_image(make_grid(torch.cat([pic, images]), nrow=nrow), os.path.join(folder, "tokens.png"))
+        print(f"token picture (top: token ids as colours, bottom: images) -> {folder}/tokens.png")
+    if not args.no_npz:
+        tmp = os.path.join(folder, "samples.tmp.npz")
+        np.savez(tmp, arr_0=read_pngs([png_name(folder, i, labels, n) for i in range(n)]))
+        os.replace(tmp, os.path.join(folder, "samples.npz"))
+        print(f"all {n} samples as uint8 [N, H, W, 3] (key arr_0) -> {folder}/samples.npz")
+    return tokens, images
+
+
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    owner = not dist.is_initialized()  # eval.py --sweep calls us inside its own process group
+    rank, world, device = init_distributed(args.device)
     gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
-    classes = gpt_ck["classes"]
     if args.from_tokens and args.tokens_only:
         fail("--from-tokens renders given tokens; --tokens-only would do nothing")
+    dec = vq = vq_ck = None
     if not args.tokens_only:
         dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
         vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
         check_fit(gpt_ck, dec_ck, vq_ck, args.out)
     if args.classes is not None and gpt.n_classes == 0:
         fail("--class given, but gpt.pt is an unconditional model (trained with --unconditional or without labels)")
-    if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0:
+    if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0 and rank == 0:
         print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained", file=sys.stderr)
-    gen = torch.Generator().manual_seed(args.seed)
-    if gpt.n_classes == 0:
-        rows, note = [None], "unconditional"
-    elif args.classes is None:
-        rows = torch.randint(gpt.n_classes, (1,), generator=gen).tolist()
-        note = f"no --class given: a random class ({classes[rows[0]]})"
-    else:
-        rows = parse_classes(args.classes, classes)
-        note = "classes " + ", ".join(f"{c} ({classes[c]})" for c in rows)
-    if args.from_tokens:
-        note = f"rendering real tokens of {args.from_tokens}"
-    print(f"sampling {args.num_samples} per row, {note}; temperature {args.temperature}, top-k {args.top_k}, "
-          f"top-p {args.top_p}, cfg {args.cfg_scale}, {'no ' if args.no_cache else ''}KV cache")
-
-    labels = None if rows == [None] else torch.tensor(rows, device=device).repeat_interleave(args.num_samples)
-    n = args.num_samples * len(rows)
-    tokens = []
-    if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
-        tokens, labels, n = real_tokens(args.from_tokens, args.num_samples, gpt_ck, device)
-    for s in tqdm(range(0, n if not args.from_tokens else 0, args.batch_size), desc="batches", unit="batch"):
-        # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
-        rows_s = torch.full((min(args.batch_size, n - s),), gpt.null_class, device=device) if labels is None else labels[s: s + args.batch_size]
-        cfg = args.cfg_scale if labels is not None else 1.0
-        tokens.append(generate(gpt, rows_s, args.temperature, args.top_k, args.top_p, cfg, gen, not args.no_cache, True))
-    tokens = torch.cat(tokens) if isinstance(tokens, list) else tokens
+    labels, given, note = sampling_plan(args, gpt, gpt_ck, device)
+    n = len(given) if given is not None else len(labels) if labels is not None else args.num_samples
+    if rank == 0:
+        print(f"sampling {note}; temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, cfg {args.cfg_scale}, "
+              f"{'no ' if args.no_cache else ''}KV cache; {world} process(es)")
     folder = args.samples_dir or os.path.join(args.out, "samples")
-    os.makedirs(folder, exist_ok=True)
-    save_atomic(dict(tokens=tokens.cpu(), labels=None if labels is None else labels.cpu(), grid=gpt_ck["grid"],
-                     vocab_size=gpt_ck["vocab_size"], classes=classes, config=vars(args)), os.path.join(folder, "tokens.pt"))
-    print(f"tokens [{n}, {tokens.shape[1]}] -> {folder}/tokens.pt")
-    if args.tokens_only:
-        return tokens, None
-    images = []
-    with torch.no_grad():
-        for s in tqdm(range(0, n, args.batch_size), desc="render", unit="batch"):
-            vq_ids = decode(dec, tokens[s: s + args.batch_size], args.decode_steps, args.decode_temperature, gen=gen)
-            images.append(vq_decode(vq, vq_ids, tuple(vq_ck["grid"])).float().cpu())
-    images = torch.cat(images)
-    grid_png = os.path.join(folder, "grid.png")
-    nrow = args.num_samples if not args.from_tokens else math.ceil(math.sqrt(n))
-    save_image(make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2), grid_png)
-    for i, img in enumerate(images):
-        tag = "uncond" if labels is None else f"class{int(labels[i])}"
-        save_image(img, os.path.join(folder, f"{i:05d}_{tag}.png"), normalize=True, value_range=(-1, 1))
-    print(f"{n} images -> {grid_png} (and {folder}/NNNNN_*.png)")
-    if args.show_tokens:
-        pic = token_picture(tokens, tuple(gpt_ck["grid"]), images.shape[-1], gpt_ck["vocab_size"])
-        save_image(make_grid(torch.cat([pic, images]), nrow=nrow, normalize=True, value_range=(-1, 1)),
-                   os.path.join(folder, "tokens.png"))
-        print(f"token picture (top: token ids as colours, bottom: images) -> {folder}/tokens.png")
-    return tokens, images
+    os.makedirs(os.path.join(folder, "parts"), exist_ok=True)
+    # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so
+    # the images do not depend on the number of ranks, and a batch whose part file exists is already done.
+    settings = {k: v for k, v in vars(args).items() if k not in ("device", "show_tokens", "no_npz")}
+    starts = list(range(0, n, args.batch_size))
+    parts = [os.path.join(folder, "parts", f"{s:08d}.pt") for s in starts]
+    models = (gpt, dec, vq, None if vq_ck is None else tuple(vq_ck["grid"]))
+    done = 0
+    for s, part in tqdm(list(zip(starts, parts))[rank::world], desc="batches", unit="batch", disable=rank != 0):
+        if os.path.exists(part):
+            if torch.load(part, weights_only=True)["settings"] != settings:
+                fail(f"{folder} holds samples made with other settings: delete it or choose another --samples-dir")
+            continue
+        e = min(s + args.batch_size, n)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + s)
+        tokens, images = sample_batch(args, models, None if labels is None else labels[s:e], None if given is None else given[s:e], e - s, gen)
+        for i, img in enumerate(images if images is not None else []):
+            save_image(img, png_name(folder, s + i, labels, n), normalize=True, value_range=(-1, 1))
+        save_atomic(dict(tokens=tokens.cpu(), settings=settings), part)  # written last: the batch is complete
+        done += 1
+    if rank == 0 and done < len(starts[rank::world]):
+        print(f"resumed: {len(starts[rank::world]) - done} of this process's batches were already in {folder}")
+    result = None
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        result = finish(args, folder, parts, labels, n, gpt_ck)
+    if dist.is_initialized():
+        dist.barrier()
+        if owner:
+            dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

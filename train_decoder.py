@@ -27,8 +27,8 @@ from torchvision import transforms
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, init_distributed,
-                             load_encoder, save_atomic)
+from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, all_reduce, autocast_dtype, dataset_for_tokens, fail,
+                             init_distributed, load_encoder, save_atomic)
 from train_gpt import MODELS, Block, batch_indices, check_tokens, load_model, load_tokens
 
 
@@ -196,7 +196,7 @@ class DinoFeatures(nn.Module):
 
     def __init__(self, encoder, layer):
         super().__init__()
-        self.vit, self.layer = load_encoder(encoder, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))), layer - 1
+        self.vit, self.layer = load_encoder(encoder), layer - 1
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 2 - 1)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 2)
 
@@ -411,6 +411,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
         x, digit = to_unit(x.to(device)), digit.to(device)
+        # the step's random draws (masks, code restarts) come from the step, not the rank: any world size, same run
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if args.stage == "vq":
                 rec, ids, cb_loss, commit_loss, z = model(x)
@@ -422,19 +424,21 @@ def main(argv=None):
             else:
                 with torch.no_grad():
                     target = vq_encode(vq, x)
-                mask = random_mask(len(x), target.shape[1], device=device)
+                masks = random_mask(args.batch_size, target.shape[1], gen)  # the global batch's masks; ours is a slice
+                mask = masks[rank * len(x): (rank + 1) * len(x)].to(device)
                 logits = model(digit, torch.where(mask, torch.full_like(target, raw.mask_id), target))
-                loss = F.cross_entropy(logits[mask].float(), target[mask])
+                # mean over the masked tokens of the whole global batch (x world: DDP averages the ranks' gradients)
+                loss = F.cross_entropy(logits[mask].float(), target[mask], reduction="sum") * world / masks.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history.append(loss.item())
+        history.append(float(all_reduce(loss.detach().clone())) / world)
         if not math.isfinite(history[-1]):
             fail(f"loss is {history[-1]} at step {step}; the last good checkpoint {ckpt_path} is untouched")
         if args.stage == "vq" and step % args.restart_interval == 0:
-            restart_dead_codes(raw, usage, z.detach())
+            restart_dead_codes(raw, usage, z.detach(), gen)
             usage.zero_()
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
@@ -458,14 +462,17 @@ def main(argv=None):
     return metrics
 
 
-def restart_dead_codes(vq, usage, z):
-    """Codes no encoder output picked since the last restart move onto random current encoder outputs."""
+def restart_dead_codes(vq, usage, z, gen):
+    """Codes no encoder output picked since the last restart move onto random current encoder outputs
+    (those of the whole global batch, so every rank restarts the same codes to the same vectors)."""
     if dist.is_initialized():
         dist.all_reduce(usage)
-        dist.broadcast(z, 0)  # every rank restarts the same codes to the same vectors
+        zs = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(zs, z)
+        z = torch.cat(zs)  # rank order = the order of the global batch
     dead = torch.nonzero(usage == 0).flatten()
     if len(dead):
-        pick = torch.randint(len(z), (len(dead),), device=z.device)
+        pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
         with torch.no_grad():
             vq.codebook.weight[dead] = z[pick].to(vq.codebook.weight.dtype)
 

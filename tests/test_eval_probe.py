@@ -1,10 +1,12 @@
 """eval.py and probe.py: Frechet distance vs closed form, precision/recall, noise at a given SNR, probes, inputs."""
 
+import pytest
 import torch
 from PIL import Image
 
 from conftest import make_token_files, run_script
-from eval import add_noise, frechet_distance, gaussian_stats, load_samples, precision_recall
+from eval import (add_noise, fid_inception, frechet_distance, gaussian_stats, inception_features, inception_score, list_samples,
+                  load_images, precision_recall)
 from probe import bag_of_tokens, gpt_features, train_linear
 from train_gpt import GPT
 
@@ -21,6 +23,31 @@ def test_frechet_distance_matches_closed_form():
     s1, s2 = Q @ torch.diag(d1) @ Q.T, Q @ torch.diag(d2) @ Q.T
     assert abs(frechet_distance(mu1, s1, mu2, s2) - expected) < 1e-9
     assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_inception_score_bounds():
+    assert abs(inception_score(torch.full((50, 10), 0.1)) - 1) < 1e-9  # a uniform classifier: IS = 1
+    assert abs(inception_score(torch.eye(10).repeat(5, 1), splits=5) - 10) < 1e-6  # confident and balanced: IS = #classes
+
+
+def test_fid_inception_matches_pytorch_fid(monkeypatch):
+    """Our FID Inception (torchvision + the TF graph's pooling) vs pytorch-fid's, on the same (random) weights."""
+    pf = pytest.importorskip("pytorch_fid.inception")
+    torch.manual_seed(0)
+    ours = fid_inception()
+    state = ours.state_dict()
+    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda *a, **k: state)  # no download: our weights
+    ref = pf.InceptionV3([3]).eval()
+    x = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = ref(x)[0].flatten(1)
+    f = inception_features(ours, x)
+    assert f.shape == (2, 2048 + 1008) and expected.abs().max() > 1e-3
+    torch.testing.assert_close(f[:, :2048], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f[:, 2048:], f[:, :2048] @ state["fc.weight"].T)
+    z = torch.rand(1, 2048, 8, 8)
+    with torch.no_grad():  # the patch matters: torchvision's own forward pools differently
+        assert not torch.allclose(type(ours.Mixed_7c).forward(ours.Mixed_7c, z), ours.Mixed_7c(z))
 
 
 def test_frechet_distance_of_samples_converges():
@@ -76,7 +103,8 @@ def test_samples_of_mixed_sizes_are_resized_and_labels_parsed(tmp_path, capsys):
     for i, size in enumerate([16, 16, 20]):
         Image.new("RGB", (size, size), (i * 50, 0, 0)).save(tmp_path / f"{i:05d}_class{i + 1}.png")
     Image.new("RGB", (50, 50)).save(tmp_path / "grid.png")  # sample.py's grid is not a sample
-    x, labels = load_samples(str(tmp_path))
+    files, labels, size = list_samples(str(tmp_path))
+    x = load_images(files, size)
     assert x.shape == (3, 3, 16, 16) and labels.tolist() == [1, 2, 3]
     assert "resizing all to (16, 16)" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 """sample.py: the KV cache changes nothing but speed, CFG and top-k behave, the CLI checks its inputs."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -89,6 +90,28 @@ def test_cli_writes_grid_singles_and_tokens(checkpoints, tmp_path):
     tok = torch.load(tmp_path / "tokens.pt", weights_only=True)
     assert tok["tokens"].shape == (6, 9) and tok["labels"].tolist() == [1, 1, 1, 2, 2, 2]
     assert (tmp_path / "tokens.png").exists()
+
+
+def test_sharded_sampling_matches_one_process_and_resumes(checkpoints, tmp_path):
+    """torchrun with 2 processes writes the same images as 1 (seeds per batch, not per rank); a rerun
+    redoes only the batch whose part file is missing; other settings into the same folder are refused."""
+    args = ["--out", checkpoints, "--class", "0,1,2", "--num-samples", "3", "--batch-size", "2", "--top-k", "5", "--cfg-scale", "2"]
+    run_script("sample.py", *args, "--samples-dir", tmp_path / "one")
+    run_script("sample.py", *args, "--samples-dir", tmp_path / "two", nproc=2)
+    one, two = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
+    assert one.shape == (9, 12, 12, 3) and one.dtype == np.uint8 and np.array_equal(one, two)
+    tok = [torch.load(tmp_path / d / "tokens.pt", weights_only=True) for d in ("one", "two")]
+    assert torch.equal(tok[0]["tokens"], tok[1]["tokens"]) and tok[0]["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert sorted(f for f in os.listdir(tmp_path / "two") if f.endswith("_class2.png")) == [f"0000{i}_class2.png" for i in (6, 7, 8)]
+
+    first = os.path.getmtime(tmp_path / "two" / "00000_class0.png")
+    os.remove(tmp_path / "two" / "parts" / "00000008.pt")  # as if killed while the last batch (sample 8) was running
+    os.remove(tmp_path / "two" / "00008_class2.png")
+    p = run_script("sample.py", *args, "--samples-dir", tmp_path / "two")
+    assert "resumed" in p.stdout and os.path.getmtime(tmp_path / "two" / "00000_class0.png") == first
+    assert np.array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"], one)
+    p = run_script("sample.py", *args, "--top-k", "3", "--samples-dir", tmp_path / "two", check=False)
+    assert p.returncode != 0 and "made with other settings" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -137,19 +137,65 @@ def test_whole_chain_gpt_sample_eval_sweep(decoder_out):
     assert "## Sampling sweep: top-k" in open(os.path.join(decoder_out, "report.md")).read()
 
 
-def test_probe_and_eval_encode_the_real_images_once(decoder_out):
-    """probe.py's DINOv2 baseline and eval.py's reference share one cached pass when the extractor is the tokenizer's."""
+def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
+    """probe.py's DINOv2 baseline and eval.py's reference share one cached pass when the extractor is the tokenizer's;
+    under torchrun both shard their features over the ranks and get what one process gets."""
     import glob
     import json
-    for f in glob.glob(os.path.join(decoder_out, "dinov2_*.pt")):
+    from eval import fid_inception
+    if not os.path.exists(os.path.join(decoder_out, "gpt.pt")):
+        run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32")
+    rendered = tmp_path / "rendered"
+    run_script("sample.py", "--out", decoder_out, "--from-tokens", os.path.join(decoder_out, "tokens_val.pt"), "--num-samples", "4",
+               "--samples-dir", rendered)
+    for f in glob.glob(os.path.join(decoder_out, "features_*.pt")):
+        os.remove(f)
+    run_script("probe.py", "--out", decoder_out, "--epochs", "2", nproc=2)
+    cached = sorted(glob.glob(os.path.join(decoder_out, "features_*.pt")))
+    assert len(cached) == 2 and "baseline: DINOv2" in open(os.path.join(decoder_out, "probe.md")).read()
+    two_procs = [torch.load(f, weights_only=True)["features"] for f in cached]
+    two_probe = json.load(open(os.path.join(decoder_out, "probe.json")))
+    for f in cached:
         os.remove(f)
     run_script("probe.py", "--out", decoder_out, "--epochs", "2")
-    cached = sorted(glob.glob(os.path.join(decoder_out, "dinov2_*.pt")))
-    assert len(cached) == 2 and "baseline: DINOv2" in open(os.path.join(decoder_out, "probe.md")).read()
+    for f, two in zip(cached, two_procs):
+        one = torch.load(f, weights_only=True)["features"]
+        assert one.shape == (8 if "val" in f else 16, 2 * 384)
+        torch.testing.assert_close(one, two, rtol=2e-2, atol=2e-2)  # bf16 on fast CPUs: batch shapes differ per rank
+    assert json.load(open(os.path.join(decoder_out, "probe.json")))["top1"].keys() == two_probe["top1"].keys()
+
     stamps = [os.path.getmtime(f) for f in cached]
-    run_script("eval.py", "--out", decoder_out, "--rendered", os.path.join(decoder_out, "sweep", "top-k_1"), "--fd-size", "56")
-    assert sorted(glob.glob(os.path.join(decoder_out, "dinov2_*.pt"))) == cached  # reused, not recomputed
-    assert [os.path.getmtime(f) for f in cached] == stamps
-    feats = torch.load(cached[0], weights_only=True)
-    assert feats["pooled"].shape == feats["cls"].shape == (8 if "val" in cached[0] else 16, 384)
-    assert json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]["n_samples"] == 4
+    p = run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--inception-weights", tmp_path / "none.pth")
+    assert "Inception FID/IS skipped" in p.stderr  # --inception auto: no weights, a note, the DINOv2 scores still come
+    assert [os.path.getmtime(f) for f in cached] == stamps  # reused, not recomputed
+    one = json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]
+    assert one["n_samples"] == 4 and "fid" not in one
+    # with an Inception weights file (random weights here: the contract, not the numbers), FID and IS appear
+    torch.save(fid_inception().state_dict(), tmp_path / "inception.pth")
+    run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--inception", "on",
+               "--inception-weights", tmp_path / "inception.pth", nproc=2)
+    two = json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]
+    assert two["fid"] >= 0 and two["inception_score"] >= 1
+    assert two["fd_dinov2"] == pytest.approx(one["fd_dinov2"], rel=0.05, abs=0.5)
+
+
+def test_decoder_two_processes_match_one(decoder_out, tmp_path):
+    """Both stages under torchrun with 2 gloo processes end where 1 process ends: same global batches,
+    masks drawn for the global batch, dead VQ codes restarted from the whole batch."""
+    runs = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"p{nproc}"
+        out.mkdir()
+        for f in ("tokens_train.pt", "tokens_val.pt"):
+            os.link(os.path.join(decoder_out, f), out / f)
+        common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4", "--max-steps", "4"]
+        run_script("train_decoder.py", "--stage", "vq", "--vq-channels", "16", "--vq-codes", "64", "--perceptual", "0",
+                   "--restart-interval", "2", *common, nproc=nproc)
+        run_script("train_decoder.py", "--stage", "maskgit", "--n-layer", "1", *common, nproc=nproc)
+        runs[nproc] = [torch.load(out / f, weights_only=True) for f in ("vq.pt", "decoder.pt")]
+    for one, two in zip(runs[None], runs[2]):
+        assert two["history"] == pytest.approx(one["history"], rel=1e-4)
+        # the all-reduce sums in another order (~1e-7), and Adam's early steps (~lr = 1e-3 per weight, whatever the
+        # gradient's size) can enlarge that to ~1e-5; another batch or mask would move weights by ~1e-3
+        for k in one["model"]:
+            torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)

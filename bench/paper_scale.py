@@ -1,0 +1,103 @@
+"""
+Paper-scale smoke run: every stage at the ImageNet recipe's shapes, a couple of steps each, on CPU.
+
+The recipe (README, "At paper scale") is DINOv2 ViT-B/14 with registers at 224 px (16x16 tokens),
+K = 8192, the GPT "base" preset (16 x 1024), the pixel VQ and decoder at 256 px. The hub weights cannot be
+downloaded here, so DIGIT_RANDOM_ENCODER=1 gives the encoder random weights: the numbers the stages print
+mean nothing, but every shape, flag and file contract of the recipe is exercised, and the peak memory and
+time per step of each stage are measured. A synthetic ImageFolder (random pictures, 2 classes, mixed sizes)
+stands in for ImageNet.
+
+    python bench/paper_scale.py              # ~10 min on 2 CPU cores; writes bench/paper_scale.md
+    python bench/paper_scale.py --nproc 2    # the training stages under torchrun with 2 gloo processes
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--nproc", type=int, default=1, help="processes for the torchrun-capable stages (default: %(default)s)")
+p.add_argument("--train-images", type=int, default=40, help="synthetic train images (>= 32: K = 8192 needs 8192 patches) (default: %(default)s)")
+p.add_argument("--keep", default=None, help="keep the run's files in this folder (default: a temporary folder)")
+p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_scale.md"))
+args = p.parse_args()
+
+
+def synthetic_imagefolder(root, n_train, n_val):
+    """Random smooth pictures of two 'classes' at ImageNet-like, mixed sizes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(2):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n // 2):
+                h, w = int(rng.integers(240, 320)), int(rng.integers(240, 320))
+                small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+                img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+                img.save(os.path.join(root, split, f"class{c}", f"{i:04d}.jpg"), quality=90)
+
+
+def run(name, script, *flags, nproc=1):
+    """Run one stage; return (seconds, peak RSS in GB of the largest process, the stage's last rate, log)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launcher + [os.path.join(ROOT, script), *map(str, flags)]
+    print(f"== {name}: {' '.join(cmd[len(launcher):])}", flush=True)
+    env = dict(os.environ, DIGIT_RANDOM_ENCODER="1", OMP_NUM_THREADS=str(max(1, os.cpu_count() // nproc)))
+    t = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of the process and its waited-for children (KB)
+    seconds = time.time() - t
+    if status != 0:
+        print(log[-4000:])
+        sys.exit(f"{name} failed")
+    rates = re.findall(r"(\d+\.?\d*)(s/step|step/s|s/it|it/s|s/batch|batch/s)\]", log)
+    rate = ""
+    if rates:
+        v, unit = float(rates[-1][0]), rates[-1][1]
+        rate = f"{v:.2f} {unit}" if unit.startswith("s/") else f"{1 / v:.2f} s/{unit.split('/')[0]}"
+    print(f"   {seconds:.0f} s, peak RSS {usage.ru_maxrss / 2**20:.2f} GB, {rate}", flush=True)
+    return seconds, usage.ru_maxrss / 2**20, rate, log
+
+
+work = args.keep or tempfile.mkdtemp(prefix="digit_paper_")
+data, out = os.path.join(work, "imagenet_standin"), os.path.join(work, "out")
+shutil.rmtree(out, ignore_errors=True)
+if not os.path.isdir(data):
+    synthetic_imagefolder(data, args.train_images, 8)
+n = args.nproc
+dec = ["--out", out, "--workers", "0", "--max-steps", "2", "--batch-size", str(2 * n), "--eval-interval", "2", "--eval-images", "4"]
+STAGES = [  # (name, script, flags, torchrun-capable): the README recipe's settings, steps cut to a couple
+    ("tokenize (ViT-B/14 reg, 224 px, K=8192)", "tokenize_kmeans.py",
+     ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "16"], True),
+    ("train_gpt --model base", "train_gpt.py",
+     ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"], True),
+    ("train_decoder --stage vq (256 px)", "train_decoder.py", ["--stage", "vq", *dec], True),
+    ("train_decoder --stage maskgit", "train_decoder.py", ["--stage", "maskgit", *dec], True),
+    ("sample (2 classes x 1, CFG)", "sample.py", ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300"], True),
+    ("probe", "probe.py", ["--out", out, "--epochs", "2"], True),
+    ("eval (FD, stability)", "eval.py", ["--out", out, "--samples", os.path.join(out, "samples"), "--stability", "--stability-images", "4"], True),
+]
+rows = []
+for name, script, flags, multi in STAGES:
+    seconds, gb, rate, _ = run(name, script, *flags, nproc=n if multi else 1)
+    rows.append(f"| {name} | {seconds:.0f} | {gb:.2f} | {rate} |")
+
+import torch  # noqa: E402  (only for the version line)
+lines = [f"Paper-scale smoke run ({os.cpu_count()} CPU threads, {n} process(es), torch {torch.__version__}, random-weight encoder, "
+         f"{args.train_images} synthetic train images): every stage at the ImageNet recipe's shapes for a couple of steps.", "",
+         "| stage | wall s (incl. start-up) | peak RSS GB (largest process) | last rate (tqdm) |", "|---|---|---|---|", *rows]
+with open(args.out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+print("\n".join(lines))
+print(f"-> {args.out}")
+if not args.keep:
+    shutil.rmtree(work)
