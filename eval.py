@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from probe import dinov2_features, real_features
 from tokenize_kmeans import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, gather_rows,
-                             init_distributed, load_encoder, nearest_centroid)
+                             init_distributed, load_encoder, nearest_centroid, rank_world)
 from train_decoder import ImagesWithTokens, load_vq, to_unit, vq_encode
 from train_gpt import load_tokens
 
@@ -142,7 +142,7 @@ def load_images(files, size):
 
 def sample_features(extract, files, size, batch_size, device):
     """extract(images) of sample files; under torchrun each rank reads and encodes every world-th file."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     if len(files) < world:
         fail(f"{len(files)} samples for {world} processes")
     mine = torch.arange(rank, len(files), world)

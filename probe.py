@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from sample import load_gpt
 from tokenize_kmeans import (autocast_dtype, dataset_for_tokens, fail, gather_rows, image_transform, init_distributed, load_encoder,
-                             save_atomic)
+                             rank_world, save_atomic)
 from train_gpt import load_tokens
 
 
@@ -48,7 +48,7 @@ def gpt_features(model, tokens, batch_size, device):
     """[n_layer, N, C]: per layer, LayerNorm (no affine) of the hidden states at the image-token
     positions, averaged over positions. The condition is the null class, so no label leaks in.
     Under torchrun each rank runs every world-th image; the result is gathered in order on every rank."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     mine = torch.arange(rank, len(tokens), world)
     feats = []
     for chunk in tqdm(tokens[mine].split(batch_size), desc="GPT features", leave=False, disable=rank != 0):
@@ -68,7 +68,7 @@ def real_features(tok, key, transform, make_extractor, batch_size, device, out):
     path = os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=True)["features"]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     extract, images = make_extractor(), dataset_for_tokens(tok, transform=transform)
     mine = list(range(rank, len(images), world))
     feats = [extract(x.to(device)).float() for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size),

@@ -186,8 +186,13 @@ def png_name(folder, i, labels, n):
 
 
 def read_pngs(paths):
-    """uint8 [N, H, W, 3] of saved samples (what FID tools read: the .npz layout of OpenAI's evaluator)."""
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in tqdm(paths, desc="read PNGs", leave=False)])
+    """uint8 [N, H, W, 3] of saved samples (what FID tools read: the .npz layout of OpenAI's evaluator),
+    filled into one preallocated array (50k ImageNet samples at 256 px are ~10 GB)."""
+    first = np.asarray(Image.open(paths[0]).convert("RGB"))
+    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    for i, p in enumerate(tqdm(paths, desc="read PNGs", leave=False)):
+        out[i] = np.asarray(Image.open(p).convert("RGB"))
+    return out
 
 
 def finish(args, folder, parts, labels, n, gpt_ck):
@@ -240,7 +245,8 @@ def main(argv=None):
     os.makedirs(os.path.join(folder, "parts"), exist_ok=True)
     # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so
     # the images do not depend on the number of ranks, and a batch whose part file exists is already done.
-    settings = {k: v for k, v in vars(args).items() if k not in ("device", "show_tokens", "no_npz")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("device", "show_tokens", "no_npz", "samples_dir")}
+    settings.update(out=os.path.abspath(args.out), from_tokens=args.from_tokens and os.path.abspath(args.from_tokens))
     starts = list(range(0, n, args.batch_size))
     parts = [os.path.join(folder, "parts", f"{s:08d}.pt") for s in starts]
     models = (gpt, dec, vq, None if vq_ck is None else tuple(vq_ck["grid"]))

@@ -381,13 +381,18 @@ def init_distributed(device_arg="auto"):
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu" if device_arg == "auto" else device_arg)
     return rank, world, device
+
+
+def rank_world():
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_reduce(t):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, all_reduce, autocast_dtype, dataset_for_tokens, fail,
                              init_distributed, load_encoder, save_atomic)
-from train_gpt import MODELS, Block, batch_indices, check_tokens, load_model, load_tokens
+from train_gpt import MODELS, Block, batch_indices, check_tokens, learning_rate, load_model, load_tokens
 
 
 def get_args(argv=None):
@@ -54,6 +54,8 @@ def get_args(argv=None):
     a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=float, default=None, help="learning rate (default: 2e-4 for vq, 5e-4 for maskgit)")
     a("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    a("--schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up: cosine decay to --min-lr, or constant (default: %(default)s)")
+    a("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
     a("--eval-interval", type=int, default=500, help="steps between val evaluations (default: %(default)s)")
     a("--eval-images", type=int, default=256, help="val images per evaluation (default: %(default)s)")
     a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
@@ -65,6 +67,7 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = p.parse_args(argv)
     args.lr = args.lr or (2e-4 if args.stage == "vq" else 5e-4)
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args
 
 
@@ -409,7 +412,7 @@ def main(argv=None):
         if step >= args.max_steps:
             break
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+            group["lr"] = learning_rate(step, args)
         x, digit = to_unit(x.to(device)), digit.to(device)
         # the step's random draws (masks, code restarts) come from the step, not the rank: any world size, same run
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)

@@ -284,8 +284,11 @@ def drop_classes(labels, p, null_class, step, seed):
 
 
 def learning_rate(step, args):
+    """Linear warm-up, then cosine decay to args.min_lr, the paper's inverse square root, or constant."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return args.lr
     if args.schedule == "inverse-sqrt":
         return args.lr * math.sqrt(args.warmup_steps / (step + 1))
     progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)

@@ -75,20 +75,23 @@ if not os.path.isdir(data):
     synthetic_imagefolder(data, args.train_images, 8)
 n = args.nproc
 dec = ["--out", out, "--workers", "0", "--max-steps", "2", "--batch-size", str(2 * n), "--eval-interval", "2", "--eval-images", "4"]
-STAGES = [  # (name, script, flags, torchrun-capable): the README recipe's settings, steps cut to a couple
-    ("tokenize (ViT-B/14 reg, 224 px, K=8192)", "tokenize_kmeans.py",
-     ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "16"], True),
-    ("train_gpt --model base", "train_gpt.py",
-     ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"], True),
-    ("train_decoder --stage vq (256 px)", "train_decoder.py", ["--stage", "vq", *dec], True),
-    ("train_decoder --stage maskgit", "train_decoder.py", ["--stage", "maskgit", *dec], True),
-    ("sample (2 classes x 1, CFG)", "sample.py", ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300"], True),
-    ("probe", "probe.py", ["--out", out, "--epochs", "2"], True),
-    ("eval (FD, stability)", "eval.py", ["--out", out, "--samples", os.path.join(out, "samples"), "--stability", "--stability-images", "4"], True),
+STAGES = [  # (name, script, flags): the README recipe's settings, steps and batches cut to a couple
+    ("tokenize_kmeans.py (ViT-B/14 reg, 224 px, K=8192)", "tokenize_kmeans.py",
+     ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "16"]),
+    ("train_gpt.py --model base", "train_gpt.py",
+     ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"]),
+    ("train_decoder.py --stage vq (256 px, 8192 codes)", "train_decoder.py", ["--stage", "vq", "--vq-codes", "8192", *dec]),
+    ("train_decoder.py --stage maskgit --model base", "train_decoder.py", ["--stage", "maskgit", "--model", "base", *dec]),
+    ("sample.py (2 classes x 1, CFG 4, top-k 300)", "sample.py",
+     ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300", "--batch-size", "1"]),
+    ("probe.py", "probe.py", ["--out", out, "--epochs", "2"]),
+    ("eval.py (FD_DINOv2 ViT-L/14 at 224, stability)", "eval.py",
+     ["--out", out, "--samples", os.path.join(out, "samples"), "--fd-encoder", "dinov2_vitl14", "--fd-size", "224",
+      "--stability", "--stability-images", "4"]),
 ]
 rows = []
-for name, script, flags, multi in STAGES:
-    seconds, gb, rate, _ = run(name, script, *flags, nproc=n if multi else 1)
+for name, script, flags in STAGES:
+    seconds, gb, rate, _ = run(name, script, *flags, nproc=n)
     rows.append(f"| {name} | {seconds:.0f} | {gb:.2f} | {rate} |")
 
 import torch  # noqa: E402  (only for the version line)
