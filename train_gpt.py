@@ -237,7 +237,8 @@ def load_model(path, model_class, hint, device):
     """(frozen model, checkpoint dict) from a checkpoint written by any stage; hint says how to make it."""
     if not os.path.exists(path):
         fail(f"{path} not found: {hint}")
-    ck = torch.load(path, map_location=device, weights_only=True)
+    # mmap: the optimizer state in the file (2x the weights) is never read into memory
+    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model = model_class(**ck["model_args"]).to(device)
     model.load_state_dict(ck["model"])
     return model.eval().requires_grad_(False), ck
