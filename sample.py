@@ -205,7 +205,8 @@ def finish(args, folder, parts, labels, n, gpt_ck):
         return tokens, None
     nrow = args.num_samples if not args.from_tokens else math.ceil(math.sqrt(min(n, 256)))
     shown = min(n, 16 * nrow)  # the picture shows at most 16 rows (classes); every sample is a PNG
-    images = torch.from_numpy(read_pngs([png_name(folder, i, labels, n) for i in range(shown)])).permute(0, 3, 1, 2).float() / 255
+    pixels = read_pngs([png_name(folder, i, labels, n) for i in range(n if not args.no_npz else shown)])  # read once
+    images = torch.from_numpy(pixels[:shown]).permute(0, 3, 1, 2).float() / 255
     save_image(make_grid(images, nrow=nrow, padding=2), os.path.join(folder, "grid.png"))
     print(f"{n} images -> {folder}/NNNNN_*.png, first {shown} in {folder}/grid.png")
     if args.show_tokens:
@@ -214,7 +215,7 @@ def finish(args, folder, parts, labels, n, gpt_ck):
         print(f"token picture (top: token ids as colours, bottom: images) -> {folder}/tokens.png")
     if not args.no_npz:
         tmp = os.path.join(folder, "samples.tmp.npz")
-        np.savez(tmp, arr_0=read_pngs([png_name(folder, i, labels, n) for i in range(n)]))
+        np.savez(tmp, arr_0=pixels)
         os.replace(tmp, os.path.join(folder, "samples.npz"))
         print(f"all {n} samples as uint8 [N, H, W, 3] (key arr_0) -> {folder}/samples.npz")
     return tokens, images
