@@ -8,9 +8,10 @@ the feature space of a DINOv2 encoder (offline ViT-S/14 by default):
     on the real train set. It has the form of the Inception Score but is NOT the Inception Score.
     Also: how often that classifier agrees with the class a sample was generated for.
   - precision / recall of k-NN manifolds (Kynkaanniemi et al. 2019).
-  - FID and Inception Score with the standard FID Inception-v3 (pytorch-fid's port of the TF graph) when
-    its weights load: downloaded once through torch.hub, or --inception-weights FILE; skipped with a note
-    otherwise (offline).
+  - FID and Inception Score through torch-fidelity (what the paper's evaluation used): its port of the
+    TF FID Inception-v3, weights downloaded once by torch-fidelity or --inception-weights FILE; skipped with
+    a one-line note offline. The real set is the val images behind tokens_val.pt, resized (shorter side,
+    bicubic) and centre-cropped to the samples' size; torch-fidelity resizes both to 299 as TF did.
 
 Latent stability (--stability): Gaussian noise at SNR 30 ... 0.01 dB is added to val images, and for
 both tokenizers (the pixel VQ of vq.pt and DiGIT's K-means on DINOv2, codebook.pt) we report the
@@ -20,8 +21,6 @@ Run (reads out/; writes out/eval.md, out/eval.json, out/stability.png; --report 
     python eval.py --samples out/samples --stability --report
     torchrun --nproc_per_node 8 eval.py --out out_imagenet --samples out_imagenet/samples   # features sharded
 """
-import argparse
-import functools
 import glob
 import json
 import os
@@ -30,19 +29,18 @@ import shutil
 import sys
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from probe import dinov2_features, real_features
-from tokenize_kmeans import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, autocast_dtype, dataset_for_tokens, fail, gather_rows,
-                             init_distributed, load_encoder, nearest_centroid, rank_world)
-from train_decoder import ImagesWithTokens, load_vq, to_unit, vq_encode
-from train_gpt import load_tokens
+from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows, init_distributed,
+                    parser, rank_world, seeded)
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, dataset_for_tokens, load_tokens, pixel_transform, to_unit
+from dinov2 import ENCODERS, dinov2_features, load_encoder
+from tokenize_kmeans import nearest_centroid
+from train_decoder import load_vq, vq_encode
 
 SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
 # The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
@@ -50,26 +48,27 @@ PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956], "DiGIT":
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--out", default="out", help="where tokens/checkpoints are and results go (default: %(default)s)")
+    p = parser(__doc__)
+    a = p.add_argument_group("generative scores").add_argument
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
-    a("--inception", default="auto", choices=["auto", "on", "off"], help="Inception FID and IS: auto = when the FID Inception "
-      "weights load (--inception-weights, or the torch.hub download), on = required, off = skip (default: %(default)s)")
-    a("--inception-weights", default=None, help="local copy of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights)")
     a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
+    a("--inception", default="auto", choices=["auto", "on", "off"], help="FID and IS with torch-fidelity: auto = when the Inception "
+      "weights load (--inception-weights, or torch-fidelity's download), on = required, off = skip (default: %(default)s)")
+    a("--inception-weights", default=None, help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    a = p.add_argument_group("latent stability (paper Table 1)").add_argument
     a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
     a("--stability-images", type=int, default=200, help="val images for the stability experiment (default: %(default)s)")
+    a = p.add_argument_group("sampling sweep").add_argument
     a("--sweep", choices=["top-k", "top-p", "cfg"], default=None, help="sample with sample.py over --values and score each (the paper's top-k/top-p figure)")
     a("--values", default=None, help="comma-separated values for --sweep (default: top-k 10,50,100,200,0; top-p 0.6,0.8,0.9,1; cfg 1,1.5,2,3,4)")
     a("--sweep-samples", type=int, default=10, help="samples per class for each --sweep value (default: %(default)s)")
+    a = p.add_argument_group("report").add_argument
     a("--report", action="store_true", help="also gather every stage's results into OUT/report.md")
-    a("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
-    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    system = add_system_args(p, "where tokens/checkpoints are and results go")
+    system.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
     args = p.parse_args(argv)
     if args.fd_size % 14:
         fail(f"--fd-size {args.fd_size} is not a multiple of 14")
@@ -106,15 +105,15 @@ def precision_recall(real, fake, k=3):
 class Featurizer:
     """DINOv2 CLS features (after the final norm) of images in [0, 1], resized to size x size."""
 
-    def __init__(self, encoder, size, device):
+    def __init__(self, encoder, size, device, dtype):
         self.model = load_encoder(encoder).to(device)
-        self.size, self.device, self.dtype = size, device, autocast_dtype("auto", device)
+        self.size, self.device, self.dtype = size, device, dtype
         self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     @torch.no_grad()
     def __call__(self, x):
         x = F.interpolate(x.to(self.device).float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(self.device, self.dtype):
             return self.model(self.norm(x.clamp(0, 1)))[:, 0].float().cpu()
 
 
@@ -158,39 +157,36 @@ def reference(args, train_tok, val_tok, device):
     layer = train_tok["layer"] if same else ENCODERS[args.fd_encoder]["depth"] - 1
     ref = {}
     for split, tok in (("train", train_tok), ("val", val_tok)):
-        ref[split] = dinov2_features(tok, args.fd_encoder, args.fd_size, layer, args.batch_size, device, args.out)["cls"]
+        ref[split] = dinov2_features(tok, args.fd_encoder, args.fd_size, layer, batch_size=args.batch_size, device=device,
+                                     out=args.out, dtype=args.dtype)["cls"]
         ref[f"{split}_labels"] = tok["labels"]
     return ref
 
 
-def generative_scores(args, folder, train_tok, val_tok, device, inception=None):
+def generative_scores(args, folder, train_tok, val_tok, device):
+    """FD_DINOv2, the DINOv2 classifier's score and class agreement, precision/recall of the samples in
+    folder against the real val images (+ FID and IS through torch-fidelity where its weights load)."""
     files, wanted, size = list_samples(folder)
     ref = reference(args, train_tok, val_tok, device)
-    fake = sample_features(Featurizer(args.fd_encoder, args.fd_size, device), files, size, args.batch_size, device)
+    fake = sample_features(Featurizer(args.fd_encoder, args.fd_size, device, args.dtype), files, size, args.batch_size, device)
     real = ref["val"]
     if len(fake) < fake.shape[1]:
         print(f"warning: {len(fake)} samples for {fake.shape[1]}-dim features: the covariance is singular and FD is "
               f"biased upwards; compare FDs only at equal sample counts", file=sys.stderr)
     fd = frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
-    # the linear classifier on real train features: classifier score + agreement with the requested class
-    n_classes = len(train_tok["classes"])
-    W = fit_classifier(ref["train"], ref["train_labels"], n_classes)
-    real_acc = float((W(real).argmax(1) == ref["val_labels"]).float().mean())
-    p = W(fake).softmax(1)
+    # a linear classifier on real train features (probe.py's recipe): classifier score + agreement with the requested class
+    classify = fit_linear(ref["train"][None], ref["train_labels"], len(train_tok["classes"]), epochs=50, seed=0)
+    with torch.no_grad():
+        real_acc = float((classify(real[None])[0].argmax(1) == ref["val_labels"]).float().mean())
+        p = classify(fake[None])[0].softmax(1)
     score = inception_score(p)
     known = wanted >= 0
     agree = float((p.argmax(1)[known] == wanted[known]).float().mean()) if known.any() else float("nan")
     prec, rec = precision_recall(real, fake, args.nearest_k)
     result = dict(n_samples=len(fake), n_real=len(real), fd_dinov2=fd, classifier_score=score, classifier_val_acc=real_acc,
                   class_agreement=agree, precision=prec, recall=rec, feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
-    if inception is not None:  # the standard metrics, comparable with published numbers at 50k samples
-        extract = functools.partial(inception_features, inception)
-        pixels = transforms.Compose([transforms.Resize(size[0], interpolation=transforms.InterpolationMode.BICUBIC),
-                                     transforms.CenterCrop(size), transforms.ToTensor()])  # real images at the samples' size
-        real_i = real_features(val_tok, ["fid_inception", size], pixels, lambda: extract, args.batch_size, device, args.out)
-        fake_i = sample_features(extract, files, size, args.batch_size, device)
-        result.update(fid=frechet_distance(*gaussian_stats(real_i[:, :2048]), *gaussian_stats(fake_i[:, :2048])),
-                      inception_score=inception_score(fake_i[:, 2048:].softmax(1), splits=10 if len(fake_i) >= 1000 else 1))
+    if args.inception != "off" and rank_world()[0] == 0:  # the standard metrics, comparable with published ones at 50k samples
+        result.update(inception_metrics(args, files, size, val_tok, device))
     return result
 
 
@@ -203,77 +199,61 @@ def inception_score(p, splits=1):
     return sum(scores) / len(scores)
 
 
-# ----------------------------------------------------------------------------- Inception FID / IS (needs the FID weights)
+# ----------------------------------------------------------------------------- FID / IS through torch-fidelity
 
-FID_INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+class SampleImages(Dataset):
+    """uint8 [3, H, W] of sample files, each resized to `size` if it differs (what torch-fidelity reads)."""
 
+    def __init__(self, files, size):
+        self.files, self.size = files, size
 
-def tf_pool_branch(block, pool, x):
-    """An Inception block as in the TF graph FID is defined by: torchvision's branches, but the pooling branch
-    pools with `pool`. (torchvision's own pooling branch is computed by _forward too and dropped: a 1x1 conv.)"""
-    return torch.cat(block._forward(x)[:-1] + [block.branch_pool(pool(x))], 1)
+    def __len__(self):
+        return len(self.files)
 
-
-def fid_inception(state=None):
-    """The FID Inception-v3 (TF graph 2015-12-05, as ported by pytorch-fid): torchvision's Inception-v3 with 1008
-    classes, whose pooling branches average without the padded zeros and whose last block max-pools."""
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=state is None)
-    avg = functools.partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b", "Mixed_7c"):
-        block = getattr(net, name)
-        pool = functools.partial(F.max_pool2d, kernel_size=3, stride=1, padding=1) if name == "Mixed_7c" else avg
-        block.forward = functools.partial(tf_pool_branch, block, pool)
-    if state is not None:
-        net.load_state_dict(state)
-    return net.eval().requires_grad_(False)
+    def __getitem__(self, i):
+        return (load_images([self.files[i]], self.size)[0] * 255).round().to(torch.uint8)
 
 
-@torch.no_grad()
-def inception_features(net, x):
-    """[B, 2048 + 1008]: pool3 features (FID) and logits without the bias (IS, as torch-fidelity) of images in
-    [0, 1], preprocessed as pytorch-fid: bilinear resize to 299 x 299, then scaled to [-1, 1]."""
-    x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
-    fc, net.fc = net.fc, nn.Identity()  # the network up to the average pool, then the classifier by hand
+class RealImages(Dataset):
+    """uint8 [3, S, S] of the real images behind a token file: shorter side resized to S (bicubic), centre crop."""
+
+    def __init__(self, tok, size):
+        self.images = dataset_for_tokens(tok, transform=pixel_transform(size))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i][0]
+
+
+def inception_metrics(args, files, size, val_tok, device):
+    """FID (pool3 features, 2048-d) and Inception Score (10 splits from 1,000 samples on) with torch-fidelity.
+    {} with a one-line note when the Inception weights cannot be had (--inception auto, e.g. offline)."""
+    import torch_fidelity
+    weights = args.inception_weights
+    if weights is not None:  # torch-fidelity unpickles the file freely; accept it only if it is plain tensors
+        if not os.path.isfile(weights):
+            fail(f"--inception-weights {weights} not found")
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            fail(f"--inception-weights {weights} is not a plain state dict of tensors ({str(e)[:80]})")
+    spec = "_".join([val_tok["data"]["name"], val_tok["data"]["split"], str(len(val_tok["tokens"])), f"{size[0]}x{size[1]}"])
     try:
-        pool = net(x)
-    finally:
-        net.fc = fc
-    return torch.cat([pool, pool @ fc.weight.T], dim=1).cpu()
-
-
-def fid_inception_or_none(args, device):
-    """The FID Inception network if its weights load (a local file or the torch.hub download), else None (--inception auto)."""
-    if args.inception == "off":
-        return None
-    try:
-        if args.inception_weights:
-            state = torch.load(args.inception_weights, map_location="cpu", weights_only=True)
-        else:
-            state = torch.hub.load_state_dict_from_url(FID_INCEPTION_URL, map_location="cpu", weights_only=True, progress=False)
-        return fid_inception(state).to(device)
-    except (OSError, RuntimeError) as e:  # no internet / missing or wrong file
-        if args.inception == "on":
-            fail(f"--inception on: the FID Inception weights did not load ({e})")
-        print(f"note: Inception FID/IS skipped, the FID Inception weights did not load ({str(e)[:80]}); "
-              f"give --inception-weights FILE (from {FID_INCEPTION_URL})", file=sys.stderr)
-        return None
-
-
-def fit_classifier(x, y, n_classes, epochs=50):
-    """A linear softmax classifier on standardised features (probe.train_linear's recipe), as a function."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mean) / std
-    W, b = torch.zeros(x.shape[1], n_classes, requires_grad=True), torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.SGD([W, b], lr=0.1, momentum=0.9, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(256):
-            loss = F.cross_entropy(xs[idx] @ W + b, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    W, b = W.detach(), b.detach()
-    return lambda f: ((f - mean) / std) @ W + b
+        m = torch_fidelity.calculate_metrics(
+            input1=SampleImages(files, size), input2=RealImages(val_tok, size), fid=True, isc=True,
+            isc_splits=10 if len(files) >= 1000 else 1, feature_extractor_weights_path=weights, batch_size=args.batch_size,
+            cuda=device.type == "cuda", save_cpu_ram=True, verbose=False,  # save_cpu_ram: no extra loader processes
+            cache_root=os.path.join(args.out, "fidelity_cache"), input2_cache_name=f"real_{spec}_{os.path.basename(str(weights))}")
+    except (OSError, RuntimeError) as e:  # no internet (URLError is an OSError) / weights of another network
+        if args.inception == "on" or weights is not None:
+            fail(f"FID/IS: the Inception weights did not load ({str(e)[:120]})")
+        print(f"note: FID/IS skipped: torch-fidelity could not download its Inception weights ({str(e)[:80]}); "
+              f"give --inception-weights FILE", file=sys.stderr)
+        args.inception = "off"  # once is enough: the other sample folders of this run would fail the same way
+        return {}
+    return dict(fid=m["frechet_inception_distance"], inception_score=m["inception_score_mean"])
 
 
 # ----------------------------------------------------------------------------- latent stability (paper Table 1)
@@ -309,7 +289,7 @@ def stability(args, val_tok, device):
         z = torch.cat([vq.encoder(c.to(device)) for c in x.split(args.batch_size)])
         return F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=1), vq_encode(vq, x.to(device)).flatten()
 
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = seeded(args.seed)
     result = {}
     for name, x, latent in (("VQ", vq_x, vq_latent), ("DiGIT", dino_x, digit_latent)):
         clean_f, clean_ids = latent(x)
@@ -351,19 +331,23 @@ def plot_stability(st, path):
     fig.savefig(path, dpi=100)
 
 
-def sweep(args, train_tok, val_tok, device, inception=None):
+def sweep(args, train_tok, val_tok, device):
     """Generate with sample.py at each value of one sampling setting and score every set the same way."""
     import sample
     defaults = {"top-k": "10,50,100,200,0", "top-p": "0.6,0.8,0.9,1", "cfg": "1,1.5,2,3,4"}
     flag = {"top-k": "--top-k", "top-p": "--top-p", "cfg": "--cfg-scale"}[args.sweep]
     classes = ",".join(str(c) for c in range(len(train_tok["classes"])))
+    try:  # numbers first: folder names are made from them, never from the raw text
+        values = [float(v) for v in (args.values or defaults[args.sweep]).split(",")]
+    except ValueError:
+        fail(f"--values {args.values!r}: expected comma-separated numbers")
     rows = []
-    for value in (args.values or defaults[args.sweep]).split(","):
+    for value in (f"{v:g}" for v in values):
         folder = os.path.join(args.out, "sweep", f"{args.sweep}_{value}")
         shutil.rmtree(folder, ignore_errors=True)  # only this value's images may be scored
         sample.main(["--out", args.out, "--samples-dir", folder, "--class", classes, "--num-samples", str(args.sweep_samples),
                      flag, value, "--seed", str(args.seed)])
-        g = generative_scores(args, folder, train_tok, val_tok, device, inception)
+        g = generative_scores(args, folder, train_tok, val_tok, device)
         rows.append(dict(value=float(value), **g))
         print(f"{args.sweep} {value}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f}, "
               f"agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f}")
@@ -407,8 +391,8 @@ def write_report(args, results):
                   "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |", "|---|---|---|---|---|",
                   f"| {g['fd_dinov2']:.2f} | {g['classifier_score']:.2f} | {100 * g['class_agreement']:.1f}% | {g['precision']:.3f} | {g['recall']:.3f} |",
                   "", f"The classifier (linear, on DINOv2 features of real train images) scores {100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
-        lines += [f"Inception (FID Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.", ""] if "fid" in g else \
-            ["Inception FID/IS: not computed (the FID Inception weights were not available; see eval.py --inception-weights).", ""]
+        lines += [f"torch-fidelity (Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.", ""] if "fid" in g else \
+            ["FID/IS: not computed (torch-fidelity's Inception weights were not available; see eval.py --inception-weights).", ""]
     if "rendered" in results:
         r = results["rendered"]
         lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
@@ -431,21 +415,20 @@ def main(argv=None):
     rank, world, device = init_distributed(args.device)
     train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     results = {}
-    inception = fid_inception_or_none(args, device) if (args.samples or args.rendered or args.sweep) else None
+    args.dtype = autocast_dtype(args.precision, device)
     for key, folder in (("rendered", args.rendered), ("generative", args.samples)):
         if not folder:
             continue
         if not os.path.isdir(folder):
             fail(f"{folder} is not a folder")
-        g = results[key] = generative_scores(args, folder, train_tok, val_tok, device, inception)
+        g = results[key] = generative_scores(args, folder, train_tok, val_tok, device)
         if rank == 0:
             print(f"{folder}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear classifier, not IS), "
                   f"class agreement {100 * g['class_agreement']:.1f}%, precision {g['precision']:.3f}, recall {g['recall']:.3f} "
                   f"({g['n_samples']} samples, {g['n_real']} real)" + (f"; FID {g['fid']:.2f}, IS {g['inception_score']:.2f}" if "fid" in g else ""))
     if args.sweep:
-        results["sweep"] = sweep(args, train_tok, val_tok, device, inception)
-    if dist.is_initialized():  # features were sharded; what follows is small and runs on rank 0
-        dist.destroy_process_group()
+        results["sweep"] = sweep(args, train_tok, val_tok, device)
+    finish_distributed()  # features were sharded; what follows is small and runs on rank 0
     if rank != 0:
         return None
     if args.stability:

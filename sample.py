@@ -13,7 +13,6 @@ tokens.pt, samples.npz):
 Batches are spread over the ranks and each has its own seed, so the images are the same for any number of
 processes; a batch is finished when its part file (samples/parts/) exists, so an interrupted run continues.
 """
-import argparse
 import math
 import os
 import sys
@@ -26,19 +25,19 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from tokenize_kmeans import fail, init_distributed, save_atomic
+from common import add_system_args, fail, init_distributed, parser, save_atomic, seeded
 from train_decoder import decode, load_decoder, load_vq, vq_decode
-from train_gpt import GPT, KVCache, load_model
+from train_gpt import KVCache, load_gpt
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--out", default="out", help="reads gpt.pt, decoder.pt, vq.pt from here (default: %(default)s)")
-    a("--samples-dir", default=None, help="where images go (default: OUT/samples)")
+    p = parser(__doc__)
+    a = p.add_argument_group("what to generate").add_argument
     a("--class", dest="classes", default=None, help="class index or name, or several: 1,7,9 (one row each)")
     a("--num-samples", type=int, default=8, help="images per class (default: %(default)s)")
-    a("--batch-size", type=int, default=64, help="images generated at once (default: %(default)s)")
+    a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
+    a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
+    a = p.add_argument_group("sampling").add_argument
     a("--temperature", type=float, default=1.0, help="softmax temperature (default: %(default)s)")
     a("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
@@ -46,17 +45,13 @@ def get_args(argv=None):
     a("--decode-steps", type=int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
     a("--decode-temperature", type=float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
-    a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
-    a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
+    a = p.add_argument_group("output").add_argument
+    a("--samples-dir", default=None, help="where images go (default: OUT/samples)")
     a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
     a("--no-npz", action="store_true", help="do not write samples.npz (all samples as one uint8 array, for FID tools)")
-    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    system = add_system_args(p, "reads gpt.pt, decoder.pt, vq.pt from here", precision=False)
+    system.add_argument("--batch-size", type=int, default=64, help="images generated at once (default: %(default)s)")
     return p.parse_args(argv)
-
-
-def load_gpt(path, device):
-    return load_model(path, GPT, "run train_gpt.py first", device)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -117,7 +112,7 @@ def parse_classes(spec, classes):
 
 def token_picture(tokens, grid, size, vocab):
     """Paint each token id as a fixed pseudo-random colour, upsampled to the image size."""
-    palette = torch.rand(vocab, 3, generator=torch.Generator().manual_seed(0))
+    palette = torch.rand(vocab, 3, generator=seeded(0))
     img = palette[tokens.cpu()].view(len(tokens), grid[0], grid[1], 3).permute(0, 3, 1, 2)
     return F.interpolate(img, size=(size, size), mode="nearest") * 2 - 1
 
@@ -151,7 +146,7 @@ def real_tokens(path, n, gpt_ck, device):
 def sampling_plan(args, gpt, gpt_ck, device):
     """Class label of every sample ([n], or None for an unconditional model), the given DiGIT tokens
     (--from-tokens) or None, and a line describing it."""
-    classes, gen = gpt_ck["classes"], torch.Generator().manual_seed(args.seed)
+    classes, gen = gpt_ck["classes"], seeded(args.seed)
     if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
         tokens, labels, _ = real_tokens(args.from_tokens, args.num_samples, gpt_ck, device)
         return labels, tokens, f"rendering {len(tokens)} real token grids of {args.from_tokens}"
@@ -173,7 +168,8 @@ def sample_batch(args, models, labels, tokens, n, gen):
         # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
         rows = torch.full((n,), gpt.null_class, device=gpt.tok_emb.weight.device) if labels is None else labels
         cfg = args.cfg_scale if labels is not None else 1.0
-        tokens = generate(gpt, rows, args.temperature, args.top_k, args.top_p, cfg, gen, not args.no_cache, True)
+        tokens = generate(gpt, rows, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=cfg, gen=gen,
+                          use_cache=not args.no_cache, progress=True)
     if args.tokens_only:
         return tokens, None
     vq_ids = decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen)
@@ -258,7 +254,7 @@ def main(argv=None):
                 fail(f"{folder} holds samples made with other settings: delete it or choose another --samples-dir")
             continue
         e = min(s + args.batch_size, n)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + s)
+        gen = seeded(args.seed, s)
         tokens, images = sample_batch(args, models, None if labels is None else labels[s:e], None if given is None else given[s:e], e - s, gen)
         for i, img in enumerate(images if images is not None else []):
             save_image(img, png_name(folder, s + i, labels, n), normalize=True, value_range=(-1, 1))

@@ -13,7 +13,6 @@ Run (after tokenize_kmeans.py; reads out/tokens_*.pt and the images they came fr
     python train_decoder.py --stage maskgit
     torchrun --nproc_per_node 8 train_decoder.py --stage vq --batch-size 256   # paper scale
 """
-import argparse
 import math
 import os
 
@@ -22,21 +21,22 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
+from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from tokenize_kmeans import (IMAGENET_MEAN, IMAGENET_STD, all_reduce, autocast_dtype, dataset_for_tokens, fail,
-                             init_distributed, load_encoder, save_atomic)
-from train_gpt import MODELS, Block, batch_indices, check_tokens, learning_rate, load_model, load_tokens
+from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_weights_finite, fail,
+                    finish_distributed, init_distributed, learning_rate, load_model, parser, restore, rng_state, save_atomic,
+                    seeded, stop_if_not_finite)
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit
+from dinov2 import load_encoder
+from train_gpt import MODELS, Block
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--stage", required=True, choices=["vq", "maskgit"], help="which model to train")
-    a("--out", default="out", help="reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt to (default: %(default)s)")
+    p = parser(__doc__)
+    p.add_argument("--stage", required=True, choices=["vq", "maskgit"], help="which model to train")
+    a = p.add_argument_group("pixel VQ (--stage vq)").add_argument
     a("--pixel-size", type=int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
     a("--vq-channels", type=int, default=64, help="VQ base channel count (default: %(default)s)")
     a("--vq-codes", type=int, default=1024, help="VQ codebook size (default: %(default)s)")
@@ -45,63 +45,37 @@ def get_args(argv=None):
     a("--perceptual", type=float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
     a("--perceptual-layer", type=int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
     a("--restart-interval", type=int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
+    a = p.add_argument_group("MaskGIT decoder (--stage maskgit)").add_argument
     a("--model", default="tiny", choices=list(MODELS), help="MaskGIT transformer size (default: %(default)s)")
     a("--n-layer", type=int, help="override the MaskGIT preset's layer count")
     a("--n-embd", type=int, help="override the MaskGIT preset's width")
     a("--n-head", type=int, help="override the MaskGIT preset's head count")
     a("--decode-steps", type=int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
+    a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
     a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=float, default=None, help="learning rate (default: 2e-4 for vq, 5e-4 for maskgit)")
     a("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
     a("--schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up: cosine decay to --min-lr, or constant (default: %(default)s)")
     a("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
+    a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--eval-interval", type=int, default=500, help="steps between val evaluations (default: %(default)s)")
     a("--eval-images", type=int, default=256, help="val images per evaluation (default: %(default)s)")
     a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
     a("--resume", action="store_true", help="continue this stage from its checkpoint")
-    a("--workers", type=int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
-    a("--preload-gb", type=float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA / fast CPUs (default: %(default)s)")
-    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt to")
+    system.add_argument("--workers", type=int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
+    system.add_argument("--preload-gb", type=float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
     args = p.parse_args(argv)
     args.lr = args.lr or (2e-4 if args.stage == "vq" else 5e-4)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args
 
 
-# ----------------------------------------------------------------------------- data: images paired with their DiGIT tokens
-
-class ImagesWithTokens(Dataset):
-    """Item i: (uint8 image [3, S, S], DiGIT tokens [h*w], label) of row i of a token file."""
-
-    def __init__(self, tok, pixel_size):
-        tf = transforms.Compose([transforms.Resize(pixel_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                                 transforms.CenterCrop(pixel_size), transforms.PILToTensor()])
-        self.images, self.tok = dataset_for_tokens(tok, transform=tf), tok
-        self.cached = None
-
-    def preload(self, workers, max_gb, desc):
-        """Decode every image once into one uint8 tensor when that is small (the demo): no loader later."""
-        n, (c, s, _) = len(self), self.images[0][0].shape
-        if n * c * s * s > max_gb * 1e9:
-            return self
-        loader = DataLoader(self.images, batch_size=256, num_workers=workers)
-        self.cached = torch.cat([x for x, _ in tqdm(loader, desc=f"load {desc} images", leave=False)])
-        return self
-
-    def __len__(self):
-        return len(self.tok["tokens"])
-
-    def __getitem__(self, i):
-        img = self.cached[i] if self.cached is not None else self.images[i][0]
-        label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
-        return img, self.tok["tokens"][i].long(), label
-
+# ----------------------------------------------------------------------------- data: a step-indexed sampler
 
 class StepSampler(Sampler):
-    """This rank's share of the global batch of every step from `start` on (see train_gpt.batch_indices):
+    """This rank's share of the global batch of every step from `start` on (see common.batch_indices):
     resumable from the step alone, and the same global batches for any number of ranks."""
 
     def __init__(self, n, batch_size, seed, start, rank, world):
@@ -115,11 +89,6 @@ class StepSampler(Sampler):
 
     def __len__(self):
         return 2 ** 62
-
-
-def to_unit(x):
-    """uint8 [0, 255] -> float [-1, 1], the VQ model's pixel range."""
-    return x.float() / 127.5 - 1
 
 
 def psnr(a, b):
@@ -308,7 +277,7 @@ def evaluate_vq(vq, val, args, device, dtype):
     """Val PSNR of the reconstructions and codebook usage (codes used, perplexity)."""
     vq.eval()
     psnrs, ids = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.no_grad(), autocast(device, dtype):
         for x, _, _ in DataLoader(eval_subset(val, args.eval_images), batch_size=64):
             x = to_unit(x.to(device))
             rec, i, *_ = vq(x)
@@ -325,11 +294,11 @@ def evaluate_maskgit(model, vq, val, grid, args, device, dtype, png=None):
     """VQ-token accuracy of decode() from the real DiGIT tokens, and PSNR of the rendered pixels."""
     model.eval()
     acc, psnrs, rows = [], [], []
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded(0)
     subset = eval_subset(val, args.eval_images)
     show = set(torch.linspace(0, len(subset) - 1, 8).long().tolist())  # 8 pictures spread over the classes
     seen = 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.no_grad(), autocast(device, dtype):
         for x, digit, _ in DataLoader(subset, batch_size=64):
             x, digit = to_unit(x.to(device)), digit.to(device)
             target = vq_encode(vq, x)
@@ -347,48 +316,78 @@ def evaluate_maskgit(model, vq, val, grid, args, device, dtype, png=None):
     return dict(vq_token_acc=float(torch.cat(acc).mean()), psnr=float(torch.cat(psnrs).mean()))
 
 
+def build_vq(args, grid, encoder, device):
+    """Stage vq: a fresh VQ whose latent grid is the DiGIT grid, and the optional DINOv2 perceptual loss."""
+    pixel_size = args.pixel_size or default_pixel_size(grid)
+    model_args = dict(levels=vq_levels(pixel_size, grid), channels=args.vq_channels, codes=args.vq_codes, code_dim=args.code_dim)
+    perceptual = DinoFeatures(encoder, args.perceptual_layer).to(device) if args.perceptual > 0 else None
+    return VQModel(**model_args).to(device), model_args, pixel_size, dict(perceptual=perceptual)
+
+
+def build_maskgit(args, grid, digit_vocab, device):
+    """Stage maskgit: the frozen VQ of vq.pt (its codes are the targets) and a fresh MaskGIT over both token kinds."""
+    vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
+    if tuple(vq_ck["grid"]) != grid:
+        fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
+    size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
+    model_args = dict(digit_vocab=digit_vocab, vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
+    return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq)
+
+
+def vq_loss(model, x, args, perceptual, usage):
+    """Reconstruction (+ perceptual) + codebook + commitment loss; counts the codes used (for restarts)."""
+    rec, ids, cb_loss, commit_loss, z = model(x)
+    loss = F.mse_loss(rec.float(), x) + cb_loss + args.commit * commit_loss
+    if perceptual is not None:
+        loss = loss + args.perceptual * perceptual(rec.float(), x)
+    usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=usage.device))
+    return loss, z
+
+
+def maskgit_loss(model, mask_id, vq, x, digit, gen, batch_size, rank, world):
+    """Cross-entropy on the masked VQ tokens, given the DiGIT tokens and the unmasked VQ tokens (MaskGIT)."""
+    with torch.no_grad():
+        target = vq_encode(vq, x)
+    masks = random_mask(batch_size, target.shape[1], gen)  # the global batch's masks; ours is a slice
+    mask = masks[rank * len(x): (rank + 1) * len(x)].to(x.device)
+    logits = model(digit, torch.where(mask, torch.full_like(target, mask_id), target))
+    # mean over the masked tokens of the whole global batch (x world: DDP averages the ranks' gradients)
+    return F.cross_entropy(logits[mask].float(), target[mask], reduction="sum") * world / masks.sum()
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
-    train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
-    check_tokens(train_tok, val_tok, args.out)
-    grid = tuple(train_tok["grid"])
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(args.seed)
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
 
+    # -- the DiGIT tokens, and the model this stage trains (the VQ, or the MaskGIT with its frozen VQ)
+    train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    check_tokens(train_tok, val_tok, args.out)
+    grid = tuple(train_tok["grid"])
     if args.stage == "vq":
-        pixel_size = args.pixel_size or default_pixel_size(grid)
-        model_args = dict(levels=vq_levels(pixel_size, grid), channels=args.vq_channels, codes=args.vq_codes, code_dim=args.code_dim)
-        model = VQModel(**model_args).to(device)
+        model, model_args, pixel_size, parts = build_vq(args, grid, train_tok["encoder"], device)
         ckpt_path = os.path.join(args.out, "vq.pt")
-        perceptual = DinoFeatures(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
     else:
-        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-        if tuple(vq_ck["grid"]) != grid:
-            fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
-        pixel_size = vq_ck["pixel_size"]
-        size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
-        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
-        model = MaskGIT(**model_args).to(device)
+        model, model_args, pixel_size, parts = build_maskgit(args, grid, train_tok["vocab_size"], device)
         ckpt_path = os.path.join(args.out, "decoder.pt")
 
+    # -- the images behind the token files, at the VQ's pixel size (decoded once into memory when small)
     train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
     val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
+
+    # -- optimizer, fresh or restored (--resume); DDP averages the ranks' gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95 if args.stage == "maskgit" else 0.99),
                                   weight_decay=0.05 if args.stage == "maskgit" else 0.0)
     step, history = 0, []
+    usage = torch.zeros(args.vq_codes, device=device)  # VQ code use since the last restart of dead codes
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: {ckpt_path} not found")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck["model_args"] != model_args:
-            fail(f"--resume: {ckpt_path} has model settings {ck['model_args']}, now {model_args}")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
+        ck = restore(ckpt_path, model, optimizer, model_args, device)
         step, history = ck["step"], ck["history"]
-        torch.set_rng_state(ck["rng"])
+        if "usage" in ck and rank == 0:  # the whole batch's counts; without them a resumed VQ would restart other codes
+            usage.copy_(ck["usage"])
     raw = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -397,15 +396,16 @@ def main(argv=None):
         print(f"stage {args.stage}: {n / 1e6:.2f}M parameters, {pixel_size}px images, DiGIT grid {grid[0]}x{grid[1]}, "
               f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}")
 
-    def checkpoint(metrics):
+    def checkpoint(metrics, usage):  # with what the tokens and the pixels were, so sample.py can check the models fit together
+        check_weights_finite(raw, ckpt_path)
         extra = dict(pixel_size=pixel_size, grid=grid, digit_vocab=train_tok["vocab_size"], encoder=train_tok["encoder"],
-                     layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics)
+                     layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics, usage=usage.cpu())
         save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
-                         config=vars(args), history=history, rng=torch.get_rng_state(), **extra), ckpt_path)
+                         config=vars(args), history=history, rng=rng_state(device), **extra), ckpt_path)
 
+    # -- the training loop: global batches by step (StepSampler), each rank loads its slice
     loader = DataLoader(train, batch_size=args.batch_size // world, num_workers=0 if train.cached is not None else args.workers,
                         sampler=StepSampler(len(train), args.batch_size, args.seed, step, rank, world))
-    usage = torch.zeros(args.vq_codes, device=device)
     bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.stage}", unit="step", disable=rank != 0, dynamic_ncols=True)
     metrics = {}
     for x, digit, _ in loader:
@@ -415,36 +415,26 @@ def main(argv=None):
             group["lr"] = learning_rate(step, args)
         x, digit = to_unit(x.to(device)), digit.to(device)
         # the step's random draws (masks, code restarts) come from the step, not the rank: any world size, same run
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        gen = seeded(args.seed, step)
+        with autocast(device, dtype):
             if args.stage == "vq":
-                rec, ids, cb_loss, commit_loss, z = model(x)
-                rec_loss = F.mse_loss(rec.float(), x)
-                loss = rec_loss + cb_loss + args.commit * commit_loss
-                if perceptual is not None:
-                    loss = loss + args.perceptual * perceptual(rec.float(), x)
-                usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=device))
+                loss, z = vq_loss(model, x, args, parts["perceptual"], usage)
             else:
-                with torch.no_grad():
-                    target = vq_encode(vq, x)
-                masks = random_mask(args.batch_size, target.shape[1], gen)  # the global batch's masks; ours is a slice
-                mask = masks[rank * len(x): (rank + 1) * len(x)].to(device)
-                logits = model(digit, torch.where(mask, torch.full_like(target, raw.mask_id), target))
-                # mean over the masked tokens of the whole global batch (x world: DDP averages the ranks' gradients)
-                loss = F.cross_entropy(logits[mask].float(), target[mask], reduction="sum") * world / masks.sum()
+                loss = maskgit_loss(model, raw.mask_id, parts["vq"], x, digit, gen, args.batch_size, rank, world)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        history.append(float(all_reduce(loss.detach().clone())) / world)
+        stop_if_not_finite(step, ckpt_path, loss=history[-1], grad_norm=float(grad_norm))  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history.append(float(all_reduce(loss.detach().clone())) / world)
-        if not math.isfinite(history[-1]):
-            fail(f"loss is {history[-1]} at step {step}; the last good checkpoint {ckpt_path} is untouched")
-        if args.stage == "vq" and step % args.restart_interval == 0:
+        if args.stage == "vq" and step % args.restart_interval == 0:  # codes nobody used move onto live encoder outputs
             restart_dead_codes(raw, usage, z.detach(), gen)
             usage.zero_()
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+
+        # evaluation on val images (rank 0) and checkpoints
         if rank == 0 and (step % args.eval_interval == 0 or step == args.max_steps):
             if args.stage == "vq":
                 metrics = evaluate_vq(raw, val, args, device, dtype)
@@ -452,16 +442,17 @@ def main(argv=None):
                           f"perplexity {metrics['perplexity']:.0f}")
             else:
                 png = os.path.join(args.out, "decoder_val.png")
-                metrics = evaluate_maskgit(raw, vq, val, grid, args, device, dtype, png)
+                metrics = evaluate_maskgit(raw, parts["vq"], val, grid, args=args, device=device, dtype=dtype, png=png)
                 bar.write(f"step {step}: val VQ-token accuracy {metrics['vq_token_acc']:.3f}, PSNR from DiGIT tokens "
                           f"{metrics['psnr']:.2f} dB -> {png}")
-        if rank == 0 and (step % args.ckpt_interval == 0 or step == args.max_steps):
-            checkpoint(metrics)
+        if step % args.ckpt_interval == 0 or step == args.max_steps:
+            counts = all_reduce(usage.clone())  # every rank's code use since the last restart (a collective: all ranks)
+            if rank == 0:
+                checkpoint(metrics, counts)
     bar.close()
     if rank == 0:
         print(f"done at step {step}: {ckpt_path} {metrics}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_distributed()
     return metrics
 
 

@@ -11,7 +11,6 @@ Run (reads out/tokens_{train,val}.pt, writes out/gpt.pt):
     torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 256 --max-steps 300000
     python train_gpt.py --resume                          # continue from out/gpt.pt
 """
-import argparse
 import contextlib
 import math
 import os
@@ -24,7 +23,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from tokenize_kmeans import autocast_dtype, fail, init_distributed, matmul_flops, save_atomic
+from common import (add_system_args, autocast, autocast_dtype, batch_indices, check_weights_finite, fail, finish_distributed,
+                    init_distributed, learning_rate, load_model, matmul_flops, parser, restore, rng_state, save_atomic, seeded,
+                    stop_if_not_finite)
+from data import check_tokens, load_tokens
 
 # n_layer x n_embd x n_head. base = DiGIT-base (~219M with K=8192), large = DiGIT-large (~732M).
 MODELS = {
@@ -36,9 +38,8 @@ MODELS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--out", default="out", help="reads tokens_*.pt from and writes gpt.pt to this directory (default: %(default)s)")
+    p = parser(__doc__)
+    a = p.add_argument_group("model").add_argument
     a("--model", default="tiny", choices=list(MODELS), help="size preset (default: %(default)s)")
     a("--n-layer", type=int, help="override the preset's layer count")
     a("--n-embd", type=int, help="override the preset's width")
@@ -48,6 +49,7 @@ def get_args(argv=None):
     a("--tie-embeddings", action="store_true", help="share input and output token embeddings (the paper unties them)")
     a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class token")
     a("--class-dropout", type=float, default=0.1, help="fraction of class tokens replaced by the null class, for CFG (default: %(default)s)")
+    a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=int, default=64, help="global batch (images per optimizer step, all ranks) (default: %(default)s)")
     a("--grad-accum", type=int, default=1, help="micro-batches per step on each rank (default: %(default)s)")
     a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
@@ -59,15 +61,14 @@ def get_args(argv=None):
     a("--beta2", type=float, default=0.95, help="AdamW beta2; the paper used 0.98 (default: %(default)s)")
     a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing; the paper used 0.1 (default: %(default)s)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off) (default: %(default)s)")
+    a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--eval-interval", type=int, default=250, help="steps between loss estimates (default: %(default)s)")
     a("--eval-batches", type=int, default=4, help="fixed batches per loss estimate (default: %(default)s)")
     a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
     a("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps of this run, e.g. for a job time limit; 0 = run to --max-steps")
     a("--resume", action="store_true", help="continue from OUT/gpt.pt: model, optimizer, step, RNG")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA, and on CPU where measured faster (default: %(default)s)")
-    a("--device", default="auto", help="'auto', 'cpu', 'cuda' (default: %(default)s)")
-    a("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    system = add_system_args(p, "reads tokens_*.pt from and writes gpt.pt to this directory")
+    system.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
 
 
@@ -199,6 +200,11 @@ class KVCache:
         self.pos = 0
 
 
+def load_gpt(path, device):
+    """(frozen GPT, checkpoint dict) from gpt.pt."""
+    return load_model(path, GPT, "run train_gpt.py first", device)
+
+
 def model_args_from(args, vocab_size, block_size, n_classes):
     m = dict(MODELS[args.model])
     for key in m:
@@ -233,67 +239,14 @@ def device_peak(device, dtype):
     return peak, f"measured {'bf16' if dtype else 'fp32'} matmul on {device}: {peak / 1e9:.0f} GFLOP/s"
 
 
-def load_model(path, model_class, hint, device):
-    """(frozen model, checkpoint dict) from a checkpoint written by any stage; hint says how to make it."""
-    if not os.path.exists(path):
-        fail(f"{path} not found: {hint}")
-    # mmap: the optimizer state in the file (2x the weights) is never read into memory
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model = model_class(**ck["model_args"]).to(device)
-    model.load_state_dict(ck["model"])
-    return model.eval().requires_grad_(False), ck
-
-
-# ----------------------------------------------------------------------------- data
-
-def load_tokens(out, split):
-    path = os.path.join(out, f"tokens_{split}.pt")
-    if not os.path.exists(path):
-        fail(f"{path} not found: run tokenize_kmeans.py --out {out} first")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def check_tokens(train, val, path):
-    """The two token files must agree with each other (and the ids with the vocabulary)."""
-    for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
-        if train[key] != val[key]:
-            fail(f"tokens_train.pt and tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
-    h, w = train["grid"]
-    for name, t in (("train", train), ("val", val)):
-        if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:
-            fail(f"tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
-        if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
-            fail(f"tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
-
-
-def batch_indices(step, batch_size, n, seed):
-    """Row indices of the global batch of a step: a fresh permutation each epoch, a pure function of
-    the step, so resuming needs only the step and any number of ranks sees the same global batch."""
-    steps_per_epoch = n // batch_size
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[i * batch_size: (i + 1) * batch_size]
-
+# ----------------------------------------------------------------------------- training pieces
 
 def drop_classes(labels, p, null_class, step, seed):
     """Replace a fraction p of the class labels by the null class (CFG training), seeded by the step."""
     if p <= 0:
         return labels
-    g = torch.Generator().manual_seed(seed * 100_003 + 7919 * step + 1)
-    drop = (torch.rand(len(labels), generator=g) < p).to(labels.device)
+    drop = (torch.rand(len(labels), generator=seeded(seed, step, 1)) < p).to(labels.device)
     return torch.where(drop, torch.full_like(labels, null_class), labels)
-
-
-def learning_rate(step, args):
-    """Linear warm-up, then cosine decay to args.min_lr, the paper's inverse square root, or constant."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.schedule == "constant":
-        return args.lr
-    if args.schedule == "inverse-sqrt":
-        return args.lr * math.sqrt(args.warmup_steps / (step + 1))
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(model, args, device):
@@ -314,11 +267,10 @@ def estimate_loss(model, data, args, dtype, device):
     """Mean loss on fixed batches (the same ones at every evaluation, so the curve is comparable)."""
     model.eval()
     tokens, labels = data
-    g = torch.Generator().manual_seed(1)
-    rows = torch.randperm(len(tokens), generator=g)[: args.eval_batches * args.batch_size]
+    rows = torch.randperm(len(tokens), generator=seeded(1))[: args.eval_batches * args.batch_size]
     losses = []
     for chunk in rows.split(args.batch_size):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             losses.append(loss_fn(model, tokens[chunk], None if labels is None else labels[chunk]).item())
     model.train()
     return sum(losses) / len(losses)
@@ -330,6 +282,8 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
     ckpt_path = os.path.join(args.out, "gpt.pt")
+
+    # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16)
     train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     check_tokens(train, val, args.out)
     conditional = not args.unconditional and train.get("labels") is not None
@@ -337,41 +291,32 @@ def main(argv=None):
     if conditional and len(train["labels"]) and int(train["labels"].max()) >= n_classes:
         fail(f"labels go up to {int(train['labels'].max())} but tokens_train.pt names {n_classes} classes")
     h, w = train["grid"]
-    model_args = model_args_from(args, train["vocab_size"], h * w, n_classes)
     if args.batch_size % (world * args.grad_accum):
         fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
-    micro = args.batch_size // (world * args.grad_accum)
+    micro = args.batch_size // (world * args.grad_accum)  # sequences per forward pass on this rank
     if len(train["tokens"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the train set ({len(train['tokens'])} images)")
+    tokens = train["tokens"].long().to(device)
+    labels = train["labels"].to(device) if conditional else None
+    train_data, val_data = (tokens, labels), (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
 
+    # -- model and optimizer, fresh or restored (--resume); DDP averages the gradients of the ranks
+    model_args = model_args_from(args, train["vocab_size"], h * w, n_classes)
     torch.manual_seed(args.seed)
     model = GPT(**model_args).to(device)
     optimizer = make_optimizer(model, args, device)
     step, best_val, losses, evals = 0, float("inf"), [], []
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: {ckpt_path} not found")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["model_args"] != model_args:
-            diff = {k: (ckpt["model_args"].get(k), v) for k, v in model_args.items() if ckpt["model_args"].get(k) != v}
-            fail(f"--resume: {ckpt_path} was trained with other model settings (checkpoint vs now): {diff}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val, losses, evals = ckpt["step"], ckpt["best_val"], ckpt["losses"], ckpt["evals"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    raw = model
+        ck = restore(ckpt_path, model, optimizer, model_args, device)
+        step, best_val, losses, evals = ck["step"], ck["best_val"], ck["losses"], ck["evals"]
+    raw = model  # the module whose weights are saved and evaluated
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # -- precision (bf16 where measured faster) and the peak that MFU is measured against
     dtype = autocast_dtype(args.precision, device)
-    tokens = train["tokens"].long().to(device)
-    labels = train["labels"].to(device) if conditional else None
-    val_data = (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
-    train_data = (tokens, labels)
     n_params = raw.num_params()
     flops_step = flops_per_token(model_args, n_params) * args.batch_size * h * w
     peak, peak_note = device_peak(device, dtype)
@@ -380,13 +325,16 @@ def main(argv=None):
               f"{h * w} tokens/image, {'class-conditional (' + str(n_classes) + ' classes)' if conditional else 'unconditional'}, "
               f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}; MFU peak: {peak_note}")
 
-    def checkpoint():
+    def checkpoint():  # with the token metadata, so later stages can check they read the same tokens
+        check_weights_finite(raw, ckpt_path)
         save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
                          config=vars(args), best_val=best_val, losses=losses, evals=evals,
-                         rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None),
+                         rng=rng_state(device),
                          vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
                          encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"]), ckpt_path)
 
+    # -- the training loop: the global batch of a step is a pure function of (seed, step), so a resumed
+    #    run and a run on any number of ranks see the same batches; each rank takes its slice of it
     last_step = args.max_steps if not args.stop_after else min(args.max_steps, step + args.stop_after)
     bar = tqdm(total=args.max_steps, initial=step, desc="train GPT", unit="step", disable=rank != 0, dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
@@ -397,12 +345,13 @@ def main(argv=None):
         rows = batch_indices(step, args.batch_size, len(tokens), args.seed)
         y = drop_classes(labels[rows], args.class_dropout, n_classes, step, args.seed) if conditional else None
         mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's share
+
+        # forward/backward over the micro-batches; gradients are all-reduced once, on the last one
         loss_sum = torch.zeros((), device=device)
         for a in range(args.grad_accum):
             part = mine[a * micro: (a + 1) * micro]
             sync = a == args.grad_accum - 1 or world == 1
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()  # all-reduce grads once per step
-            with ctx, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                 loss = loss_fn(model, tokens[rows[part]], None if y is None else y[part], args.label_smoothing)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
@@ -410,11 +359,10 @@ def main(argv=None):
             dist.all_reduce(loss_sum)
             loss_sum /= world
         step_loss = loss_sum.item()
-        if not math.isfinite(step_loss):
-            fail(f"loss is {step_loss} at step {step}; stopping. The last good checkpoint {ckpt_path} is untouched "
-                 f"(try a lower --lr or --grad-clip)")
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+
+        # the update, unless the loss or the gradient is NaN/inf (then stop: the last checkpoint stays good)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        stop_if_not_finite(step, ckpt_path, loss=step_loss, grad_norm=float(grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -422,6 +370,8 @@ def main(argv=None):
         tokens_seen += args.batch_size * h * w
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+
+        # evaluation on fixed batches (rank 0), throughput and MFU since the last one; checkpoints
         if rank == 0 and (step % args.eval_interval == 0 or step == last_step):
             dt = time.perf_counter() - t0
             tl, vl = estimate_loss(raw, train_data, args, dtype, device), estimate_loss(raw, val_data, args, dtype, device)
@@ -435,8 +385,7 @@ def main(argv=None):
     bar.close()
     if rank == 0:
         print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt_path}, best val loss {best_val:.4f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_distributed()
     return losses
 
 

@@ -14,6 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import seeded  # noqa: E402
 from sample import generate  # noqa: E402
 from train_gpt import GPT, MODELS  # noqa: E402
 
@@ -32,7 +33,7 @@ for preset in ("tiny", "small"):
         for cache in (True, False):
             generate(model, labels[:2], use_cache=cache)  # warm-up
             t = time.perf_counter()
-            generate(model, labels, gen=torch.Generator().manual_seed(0), use_cache=cache)
+            generate(model, labels, gen=seeded(0), use_cache=cache)
             speed[cache] = args.batch_size * T / (time.perf_counter() - t)
         rows.append(f"| {preset} | {T} | {vocab} | {speed[False]:,.0f} | {speed[True]:,.0f} | {speed[True] / speed[False]:.1f}x |")
         print(rows[-1], flush=True)

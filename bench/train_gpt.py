@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenize_kmeans import matmul_flops  # noqa: E402
+from common import autocast, matmul_flops  # noqa: E402
 from train_gpt import GPT, MODELS, flops_per_token, loss_fn  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +30,7 @@ CASES = [("tiny", 512, 64, 64), ("small", 512, 64, 32), ("base", 8192, 256, 4)]
 
 def step_fn(model, opt, dtype, x, y):
     def step():
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(torch.device("cpu"), dtype):
             loss = loss_fn(model, x, y)
         loss.backward()
         opt.step()

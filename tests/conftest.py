@@ -11,11 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run_script(*args, nproc=None, check=True):
-    """Run a project script in a fresh process (optionally under torchrun with gloo); return the CompletedProcess."""
+def run_script(*args, nproc=None, check=True, env=None):
+    """Run a project script in a fresh process (optionally under torchrun with gloo, with extra environment
+    variables env); return the CompletedProcess."""
     launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run",
                                                        "--standalone", "--nproc_per_node", str(nproc)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     p = subprocess.run(launcher + [os.path.join(ROOT, args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenize_kmeans import ENCODERS, MNIST5k, OFFLINE_ONNX, ViT, image_transform, load_encoder, wheel_member
+from data import MNIST5k, image_transform, wheel_member
+from dinov2 import ENCODERS, OFFLINE_ONNX, ViT, load_encoder
 
 CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
 
@@ -50,8 +51,8 @@ def test_all_encoder_names_build():
 
 @pytest.fixture(scope="module")
 def onnx_session():
-    ort = pytest.importorskip("onnxruntime")
     import onnx
+    import onnxruntime as ort  # a hard requirement of the tests (requirements-dev.txt): never skipped
     model = onnx.load_from_string(wheel_member(*OFFLINE_ONNX, CACHE))
     for d in (2, 3):  # the graph is declared for 224x224 only; it computes any multiple of 14
         model.graph.input[0].type.tensor_type.shape.dim[d].dim_param = f"side{d}"

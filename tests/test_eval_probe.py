@@ -5,9 +5,8 @@ import torch
 from PIL import Image
 
 from conftest import make_token_files, run_script
-from eval import (add_noise, fid_inception, frechet_distance, gaussian_stats, inception_features, inception_score, list_samples,
-                  load_images, precision_recall)
-from probe import bag_of_tokens, gpt_features, train_linear
+from eval import add_noise, frechet_distance, gaussian_stats, inception_score, list_samples, load_images, precision_recall
+from probe import bag_of_tokens, gpt_features, probe_accuracy
 from train_gpt import GPT
 
 
@@ -30,24 +29,16 @@ def test_inception_score_bounds():
     assert abs(inception_score(torch.eye(10).repeat(5, 1), splits=5) - 10) < 1e-6  # confident and balanced: IS = #classes
 
 
-def test_fid_inception_matches_pytorch_fid(monkeypatch):
-    """Our FID Inception (torchvision + the TF graph's pooling) vs pytorch-fid's, on the same (random) weights."""
-    pf = pytest.importorskip("pytorch_fid.inception")
-    torch.manual_seed(0)
-    ours = fid_inception()
-    state = ours.state_dict()
-    monkeypatch.setattr(pf, "load_state_dict_from_url", lambda *a, **k: state)  # no download: our weights
-    ref = pf.InceptionV3([3]).eval()
-    x = torch.rand(2, 3, 64, 80)
-    with torch.no_grad():
-        expected = ref(x)[0].flatten(1)
-    f = inception_features(ours, x)
-    assert f.shape == (2, 2048 + 1008) and expected.abs().max() > 1e-3
-    torch.testing.assert_close(f[:, :2048], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(f[:, 2048:], f[:, :2048] @ state["fc.weight"].T)
-    z = torch.rand(1, 2048, 8, 8)
-    with torch.no_grad():  # the patch matters: torchvision's own forward pools differently
-        assert not torch.allclose(type(ours.Mixed_7c).forward(ours.Mixed_7c, z), ours.Mixed_7c(z))
+def test_frechet_distance_matches_torch_fidelity_on_non_commuting_covariances():
+    """Random SPD covariances that do not commute (tr sqrt(S1 S2) != tr(S1^1/2 S2^1/2)) against torch-fidelity's formula."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s1, s2 = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    assert not torch.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    ref = fid_statistics_to_metric(dict(mu=mu1.numpy(), sigma=s1.numpy()), dict(mu=mu2.numpy(), sigma=s2.numpy()), False)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref["frechet_inception_distance"], rel=1e-9)
 
 
 def test_frechet_distance_of_samples_converges():
@@ -66,6 +57,19 @@ def test_precision_recall():
     assert p > 0.9 and r < 0.3
 
 
+def test_precision_recall_radius_is_the_kth_neighbour_by_hand():
+    """1-D by hand, k = 1: real points 0, 1, 3, 6 have radii 1, 1, 2, 3 (distance to the nearest *other* point).
+    Fake 2.1 lies in the ball of 3 (|2.1 - 3| = 0.9 <= 2); fake 9.5 in none (|9.5 - 6| = 3.5 > 3; a radius to the
+    2nd neighbour, 5, would take it in). The two fakes' radii are 7.4 each, so every real point is covered."""
+    real, fake = torch.tensor([[0.0], [1.0], [3.0], [6.0]]), torch.tensor([[2.1], [9.5]])
+    p, r = precision_recall(real, fake, k=1)
+    assert p == 0.5 and r == 1.0
+    p, r = precision_recall(real, torch.tensor([[2.1], [9.1]]), k=1)  # 9.1 is within 3.1 > 3 of 6: still outside
+    assert p == 0.5
+    p, _ = precision_recall(real, torch.tensor([[2.1], [8.9]]), k=1)  # 2.9 <= 3: inside
+    assert p == 1.0
+
+
 def test_noise_has_the_requested_snr():
     x = torch.randn(8, 3, 32, 32) + 2
     for snr in (30, 10, 0.01):
@@ -80,7 +84,7 @@ def test_linear_probe_learns_separable_features():
     x = torch.randn(600, 16, generator=g)
     good = x.clone()
     good[:, 0] += 8 * y  # one informative direction, 8 standard deviations between classes
-    acc = train_linear(torch.stack([good[:500], x[:500]]), y[:500], torch.stack([good[500:], x[500:]]), y[500:], 3, 30, 0.1, 64)
+    acc = probe_accuracy(torch.stack([good[:500], x[:500]]), y[:500], torch.stack([good[500:], x[500:]]), y[500:], 3, 30, 0.1, 64)
     assert acc[0] > 0.95 and acc[1] < 0.6  # the informative set is learned, pure noise is at chance
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tokenize_kmeans import init_centroids, kmeans, nearest_centroid
+from tokenize_kmeans import init_centroids, kmeans, kmeans_plusplus, nearest_centroid, split_empty
 
 
 def blobs(n_per=200, k=8, d=16, spread=0.05, seed=0):
@@ -40,7 +40,9 @@ def test_matches_scikit_learn_on_the_same_init(d, k):
     C, stats = kmeans(x, C0, iters=15, tol=0, verbose=False)
     km = KMeans(k, init=C0.numpy(), n_init=1, max_iter=15, tol=0, algorithm="lloyd").fit(x.numpy())
     sk_inertia = float(((x.numpy() - km.cluster_centers_[km.predict(x.numpy())]) ** 2).sum())
-    assert abs(stats["inertia"] - sk_inertia) < 0.005 * sk_inertia
+    # the same algorithm from the same start: the same partition, inertia equal to float32 rounding (seen: ~2e-7)
+    assert torch.equal(nearest_centroid(x, C)[0], torch.from_numpy(km.predict(x.numpy())).long())
+    assert abs(stats["inertia"] - sk_inertia) < 1e-5 * sk_inertia
     assert stats["inertia"] < 0.9 * float(nearest_centroid(x, C0)[1].sum())  # it did improve on the init
 
 
@@ -64,3 +66,42 @@ def test_kmeans_plusplus_spreads_the_seeds():
 def test_too_many_clusters_is_an_error():
     with pytest.raises(SystemExit, match="larger than the number of points"):
         kmeans(torch.randn(5, 3), torch.randn(8, 3), verbose=False)
+
+
+def test_bf16_distances_reach_the_float32_inertia():
+    """Lloyd with bf16 assignment steps ends as close to float32's inertia (same init) as another init would; the
+    inertia and sizes it reports are computed in float32 for the centroids it returns."""
+    x, _, _ = blobs(n_per=150, k=10, d=16, spread=1.0, seed=4)
+    x = x + 20  # a large common mean: without centring, bf16 distances lose the differences (seen: +3-4% inertia)
+    inits = [init_centroids(x, 20, "k-means++", seed=s) for s in (1, 2, 3)]
+    i32 = [kmeans(x, C0, iters=10, tol=0, verbose=False)[1]["inertia"] for C0 in inits]
+    runs = [kmeans(x, C0, iters=10, tol=0, verbose=False, dtype=torch.bfloat16) for C0 in inits]
+    spread = max(i32) - min(i32)  # what the choice of init does (~1% here)
+    assert all(abs(s16["inertia"] - a) < spread for (_, s16), a in zip(runs, i32))
+    C16, s16 = runs[0]
+    idx, d = nearest_centroid(x, C16)
+    assert s16["inertia"] == pytest.approx(float(d.double().sum()), rel=1e-6)
+    assert s16["counts"].tolist() == torch.bincount(idx, minlength=20).double().tolist()
+
+
+def test_empty_cluster_is_split_from_the_largest():
+    C = torch.tensor([[0.0, 0.0], [10.0, 10.0], [5.0, 5.0], [7.0, 7.0]])
+    counts = torch.tensor([3.0, 50.0, 0.0, 7.0])
+    out = split_empty(C.clone(), counts, torch.Generator().manual_seed(0))
+    # the empty centroid and the largest cluster's become two points close to (10, 10); the others do not move
+    assert (out[2] - torch.tensor([10.0, 10.0])).norm() < 0.1 and (out[1] - torch.tensor([10.0, 10.0])).norm() < 0.1
+    assert not torch.equal(out[1], out[2])
+    assert torch.equal(out[0], C[0]) and torch.equal(out[3], C[3])
+    assert counts.tolist() == [3.0, 25.0, 25.0, 7.0]
+
+
+def test_kmeans_plusplus_draws_with_probability_d_squared():
+    """Points: 2000 at the origin, one at distance 1, one at distance 3. The first seed is (almost surely) the
+    origin; the second is the near point with probability 1/(1+9) = 0.1 under D^2 (0.25 under D)."""
+    x = torch.zeros(2002, 2)
+    x[2000, 0], x[2001, 0] = 1.0, 3.0
+    near = 0
+    for seed in range(400):
+        C = kmeans_plusplus(x, 2, torch.Generator().manual_seed(seed))
+        near += int(C[1, 0] == 1.0)
+    assert 0.05 < near / 400 < 0.16  # binomial sd at 0.1: 0.015

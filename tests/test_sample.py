@@ -67,6 +67,34 @@ def test_filter_logits():
     assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]
 
 
+def test_top_p_keeps_the_nucleus_of_unsorted_rows():
+    """Two rows holding the same probabilities in different orders: the kept ids follow each row's own order."""
+    p = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = torch.log(torch.stack([p, p[[2, 0, 3, 1]]]))  # row 1: 0.15, 0.05, 0.3, 0.5
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[False, True, False, True], [False, False, True, True]]
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.9))  # 0.5 + 0.3 < 0.9: the 0.15 joins
+    assert kept.tolist() == [[False, True, True, True], [True, False, True, True]]
+
+
+def test_cfg_mixes_logits_as_uncond_plus_scale_times_difference():
+    """Greedy guided sampling, step by step, against argmax(u + s (c - u)) of two plain forward passes."""
+    model = tiny_gpt()
+    model.cls_emb.weight.data *= 100  # make the class matter
+    labels, s = torch.tensor([0, 1, 2]), 5.0
+    got = generate(model, labels, top_k=1, cfg_scale=s, gen=torch.Generator().manual_seed(0))
+    x = torch.zeros(3, 0, dtype=torch.long)
+    null = torch.full_like(labels, model.null_class)
+    for _ in range(9):
+        c, u = model(x, labels)[:, -1], model(x, null)[:, -1]
+        x = torch.cat([x, (u + s * (c - u)).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, x)
+    plain = torch.zeros(3, 0, dtype=torch.long)  # and guidance matters here: plain greedy decoding differs
+    for _ in range(9):
+        plain = torch.cat([plain, model(plain, labels)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert not torch.equal(got, plain)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """gpt.pt, decoder.pt, vq.pt of tiny random models, in the format the training scripts write."""

