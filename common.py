@@ -5,9 +5,15 @@ one linear classifier that probe.py and eval.py train. Imports no stage.
 """
 import argparse
 import contextlib
+import errno
+import glob
+import hashlib
 import math
 import os
+import re
+import shutil
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -21,6 +27,46 @@ def fail(msg):
 
 # ----------------------------------------------------------------------------- command line
 
+def positive_int(text):
+    """argparse type: an integer >= 1 (batch sizes, steps, intervals, counts)."""
+    return _checked(int, text, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(text):
+    """argparse type: an integer >= 0 (0 meaning 'off' where the help says so)."""
+    return _checked(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    """argparse type: a number > 0 (learning rates, temperatures, scales)."""
+    return _checked(float, text, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+
+
+def nonneg_float(text):
+    """argparse type: a number >= 0 (weights of loss terms, clipping; 0 meaning 'off')."""
+    return _checked(float, text, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+
+
+def fraction(text):
+    """argparse type: a probability in [0, 1) (dropout rates)."""
+    return _checked(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def mass(text):
+    """argparse type: a probability mass in (0, 1] (top-p)."""
+    return _checked(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _checked(kind, text, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
 def parser(doc):
     """An ArgumentParser whose --help shows the script's docstring (how to run it) above the flags."""
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +76,7 @@ def add_system_args(p, out_help, precision=True):
     """The flags every script has, declared once: --out, --device, --seed (and --precision)."""
     g = p.add_argument_group("system")
     g.add_argument("--out", default="out", help=f"{out_help} (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' (default: %(default)s)")
+    g.add_argument("--device", default="auto", type=device_name, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N' (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     if precision:
         g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -38,21 +84,109 @@ def add_system_args(p, out_help, precision=True):
     return g
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def device_name(text):
+    """argparse type for --device: checked at parse time, so a typo or a missing GPU is a one-line error."""
+    if text == "auto" or text == "cpu":
+        return text
+    if not re.fullmatch(r"cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here (use 'cpu' or 'auto')")
+    return text
+
+
+# ----------------------------------------------------------------------------- output folder and checkpoints
+
+TMP_SUFFIX = ".tmp"  # save_atomic writes PATH.tmpPID, then renames it
+
+
+def prepare_out(out):
+    """Make sure --out is a writable folder before any work (not after an hour of training), and remove the
+    temp files a killed save of ours left behind (PATH.tmpPID whose process is gone)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output folder {out}: {e.strerror}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        fail(f"the output folder {out} is not writable")
+    for tmp in glob.glob(os.path.join(glob.escape(out), f"*{TMP_SUFFIX}[0-9]*")):
+        pid = re.search(r"\.tmp(\d+)$", tmp)
+        if pid and not pid_alive(int(pid.group(1))):
+            os.remove(tmp)
+    return out
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written artifact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temp file, then rename: a crash never leaves a half-written artifact. A full disk or a
+    read-only folder is a one-line error, and the temp file is removed (it would keep the disk full)."""
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or shutil.disk_usage(
+            os.path.dirname(os.path.abspath(path))).free < 1 << 20
+        if full:
+            fail(f"no space left on the device of {path} while saving it; {path} was not changed")
+        fail(f"could not write {path}: {getattr(e, 'strerror', None) or e}")
+
+
+def new_fingerprint():
+    """An id written into a checkpoint at every save: later stages record the ids of what they were made from."""
+    return uuid.uuid4().hex[:12]
+
+
+def tensor_fingerprint(t):
+    """A content id of a tensor (the codebook's centroids): the same codebook always has the same id."""
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:12]
+
+
+def check_same(what, a_name, a, b_name, b):
+    """Two artifacts that meet must come from the same `what`; files older than the fingerprints (None) pass."""
+    if a is not None and b is not None and a != b:
+        fail(f"{a_name} and {b_name} were made from different {what} ({a} vs {b}): make them again from the same one")
+
+
+def refuse_overwrite(path, args):
+    """A training run never silently replaces a trained checkpoint: --resume continues it, --force replaces it."""
+    if os.path.exists(path) and not args.resume and not args.force:
+        fail(f"{path} exists: --resume to continue it, --force to train afresh and overwrite it")
+
+
+def load_artifact(path, hint, mmap=False):
+    """torch.load(path, weights_only=True) of any artifact of this project, with one-line errors naming the file
+    and what is wrong (missing, a folder, truncated, not a torch file, or holding more than plain data)."""
+    if not os.path.exists(path):
+        fail(f"{path} not found: {hint}")
+    if os.path.isdir(path):
+        fail(f"{path} is a folder, not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # zip reader, unpickler, mmap: each has its own exception type
+        reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        if os.path.getsize(path) == 0:
+            reason = "the file is empty"
+        fail(f"{path} cannot be read as a checkpoint/token file ({reason}); it may be truncated or not ours: "
+             f"write it again ({hint})")
 
 
 def load_model(path, model_class, hint, device):
     """(frozen model, checkpoint dict) from a checkpoint written by any stage; hint says how to make it."""
-    if not os.path.exists(path):
-        fail(f"{path} not found: {hint}")
-    # mmap: the optimizer state in the file (2x the weights) is never read into memory
-    ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ck = load_artifact(path, hint, mmap=True)  # mmap: the optimizer state in the file (2x the weights) is never read
     model = model_class(**ck["model_args"]).to(device)
     model.load_state_dict(ck["model"])
     return model.eval().requires_grad_(False), ck
@@ -66,9 +200,7 @@ def rng_state(device):
 def restore(path, model, optimizer, model_args, device):
     """--resume: weights, optimizer and RNG state from a training checkpoint; returns the checkpoint dict
     (step, histories, ...). Stops with a one-line error when the file is missing or the model differs."""
-    if not os.path.exists(path):
-        fail(f"--resume: {path} not found")
-    ck = torch.load(path, map_location=device, weights_only=True)
+    ck = load_artifact(path, "--resume needs the checkpoint of an earlier run")
     if ck["model_args"] != model_args:
         diff = {k: (ck["model_args"].get(k), v) for k, v in model_args.items() if ck["model_args"].get(k) != v}
         fail(f"--resume: {path} was trained with other model settings (checkpoint vs now): {diff}")

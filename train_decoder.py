@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_weights_finite, fail,
-                    finish_distributed, init_distributed, learning_rate, load_model, parser, restore, rng_state, save_atomic,
-                    seeded, stop_if_not_finite)
+from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
+                    finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
+                    parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
+                    stop_if_not_finite)
 from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit
 from dinov2 import load_encoder
 from train_gpt import MODELS, Block
@@ -37,35 +38,36 @@ def get_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--stage", required=True, choices=["vq", "maskgit"], help="which model to train")
     a = p.add_argument_group("pixel VQ (--stage vq)").add_argument
-    a("--pixel-size", type=int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
-    a("--vq-channels", type=int, default=64, help="VQ base channel count (default: %(default)s)")
-    a("--vq-codes", type=int, default=1024, help="VQ codebook size (default: %(default)s)")
-    a("--code-dim", type=int, default=32, help="VQ code dimension (L2-normalised codes) (default: %(default)s)")
-    a("--commit", type=float, default=0.25, help="commitment loss weight beta (default: %(default)s)")
-    a("--perceptual", type=float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
-    a("--perceptual-layer", type=int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
-    a("--restart-interval", type=int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
+    a("--pixel-size", type=positive_int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
+    a("--vq-channels", type=positive_int, default=64, help="VQ base channel count (default: %(default)s)")
+    a("--vq-codes", type=positive_int, default=1024, help="VQ codebook size (default: %(default)s)")
+    a("--code-dim", type=positive_int, default=32, help="VQ code dimension (L2-normalised codes) (default: %(default)s)")
+    a("--commit", type=nonneg_float, default=0.25, help="commitment loss weight beta (default: %(default)s)")
+    a("--perceptual", type=nonneg_float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
+    a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
+    a("--restart-interval", type=positive_int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
     a = p.add_argument_group("MaskGIT decoder (--stage maskgit)").add_argument
     a("--model", default="tiny", choices=list(MODELS), help="MaskGIT transformer size (default: %(default)s)")
-    a("--n-layer", type=int, help="override the MaskGIT preset's layer count")
-    a("--n-embd", type=int, help="override the MaskGIT preset's width")
-    a("--n-head", type=int, help="override the MaskGIT preset's head count")
-    a("--decode-steps", type=int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
+    a("--n-layer", type=positive_int, help="override the MaskGIT preset's layer count")
+    a("--n-embd", type=positive_int, help="override the MaskGIT preset's width")
+    a("--n-head", type=positive_int, help="override the MaskGIT preset's head count")
+    a("--decode-steps", type=positive_int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
-    a("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
-    a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
-    a("--lr", type=float, default=None, help="learning rate (default: 2e-4 for vq, 5e-4 for maskgit)")
-    a("--warmup-steps", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    a("--batch-size", type=positive_int, default=32, help="global batch (default: %(default)s)")
+    a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
+    a("--lr", type=positive_float, default=None, help="learning rate (default: 2e-4 for vq, 5e-4 for maskgit)")
+    a("--warmup-steps", type=nonneg_int, default=50, help="linear warm-up steps (default: %(default)s)")
     a("--schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up: cosine decay to --min-lr, or constant (default: %(default)s)")
-    a("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
+    a("--min-lr", type=nonneg_float, default=None, help="final learning rate of the cosine decay (default: lr / 10)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--eval-interval", type=int, default=500, help="steps between val evaluations (default: %(default)s)")
-    a("--eval-images", type=int, default=256, help="val images per evaluation (default: %(default)s)")
-    a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--eval-interval", type=positive_int, default=500, help="steps between val evaluations (default: %(default)s)")
+    a("--eval-images", type=positive_int, default=256, help="val images per evaluation (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
     a("--resume", action="store_true", help="continue this stage from its checkpoint")
+    a("--force", action="store_true", help="start afresh even though this stage's checkpoint exists (it is overwritten)")
     system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt to")
-    system.add_argument("--workers", type=int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
-    system.add_argument("--preload-gb", type=float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
+    system.add_argument("--workers", type=nonneg_int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
+    system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
     args = p.parse_args(argv)
     args.lr = args.lr or (2e-4 if args.stage == "vq" else 5e-4)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
@@ -331,7 +333,7 @@ def build_maskgit(args, grid, digit_vocab, device):
         fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
     size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
     model_args = dict(digit_vocab=digit_vocab, vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
-    return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq)
+    return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq, vq_fingerprint=vq_ck.get("fingerprint"))
 
 
 def vq_loss(model, x, args, perceptual, usage):
@@ -358,6 +360,7 @@ def maskgit_loss(model, mask_id, vq, x, digit, gen, batch_size, rank, world):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
+    prepare_out(args.out)
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(args.seed)
     if args.batch_size % world:
@@ -370,9 +373,11 @@ def main(argv=None):
     if args.stage == "vq":
         model, model_args, pixel_size, parts = build_vq(args, grid, train_tok["encoder"], device)
         ckpt_path = os.path.join(args.out, "vq.pt")
+        refuse_overwrite(ckpt_path, args)
     else:
         model, model_args, pixel_size, parts = build_maskgit(args, grid, train_tok["vocab_size"], device)
         ckpt_path = os.path.join(args.out, "decoder.pt")
+        refuse_overwrite(ckpt_path, args)
 
     # -- the images behind the token files, at the VQ's pixel size (decoded once into memory when small)
     train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
@@ -385,6 +390,8 @@ def main(argv=None):
     usage = torch.zeros(args.vq_codes, device=device)  # VQ code use since the last restart of dead codes
     if args.resume:
         ck = restore(ckpt_path, model, optimizer, model_args, device)
+        check_same("codebooks", ckpt_path, ck.get("tokens"), f"{args.out}/tokens_train.pt", train_tok.get("codebook"))
+        check_same("VQs", ckpt_path, ck.get("vq"), f"{args.out}/vq.pt", parts.get("vq_fingerprint"))
         step, history = ck["step"], ck["history"]
         if "usage" in ck and rank == 0:  # the whole batch's counts; without them a resumed VQ would restart other codes
             usage.copy_(ck["usage"])
@@ -399,7 +406,8 @@ def main(argv=None):
     def checkpoint(metrics, usage):  # with what the tokens and the pixels were, so sample.py can check the models fit together
         check_weights_finite(raw, ckpt_path)
         extra = dict(pixel_size=pixel_size, grid=grid, digit_vocab=train_tok["vocab_size"], encoder=train_tok["encoder"],
-                     layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics, usage=usage.cpu())
+                     layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics, usage=usage.cpu(),
+                     tokens=train_tok.get("codebook"), vq=parts.get("vq_fingerprint"), fingerprint=new_fingerprint())
         save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
                          config=vars(args), history=history, rng=rng_state(device), **extra), ckpt_path)
 

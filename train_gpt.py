@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (add_system_args, autocast, autocast_dtype, batch_indices, check_weights_finite, fail, finish_distributed,
-                    init_distributed, learning_rate, load_model, matmul_flops, parser, restore, rng_state, save_atomic, seeded,
-                    stop_if_not_finite)
+from common import (add_system_args, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
+                    finish_distributed, fraction, init_distributed, learning_rate, load_model, matmul_flops, new_fingerprint,
+                    nonneg_float, nonneg_int, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore,
+                    rng_state, save_atomic, seeded, stop_if_not_finite)
 from data import check_tokens, load_tokens
 
 # n_layer x n_embd x n_head. base = DiGIT-base (~219M with K=8192), large = DiGIT-large (~732M).
@@ -41,32 +42,33 @@ def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("model").add_argument
     a("--model", default="tiny", choices=list(MODELS), help="size preset (default: %(default)s)")
-    a("--n-layer", type=int, help="override the preset's layer count")
-    a("--n-embd", type=int, help="override the preset's width")
-    a("--n-head", type=int, help="override the preset's head count")
-    a("--dropout", type=float, default=0.0, help="dropout in attention and MLP (default: %(default)s)")
+    a("--n-layer", type=positive_int, help="override the preset's layer count")
+    a("--n-embd", type=positive_int, help="override the preset's width")
+    a("--n-head", type=positive_int, help="override the preset's head count")
+    a("--dropout", type=fraction, default=0.0, help="dropout in attention and MLP (default: %(default)s)")
     a("--norm", default="pre", choices=["pre", "post"], help="pre-LN (default) or post-LN as the paper (default: %(default)s)")
     a("--tie-embeddings", action="store_true", help="share input and output token embeddings (the paper unties them)")
     a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class token")
-    a("--class-dropout", type=float, default=0.1, help="fraction of class tokens replaced by the null class, for CFG (default: %(default)s)")
+    a("--class-dropout", type=fraction, default=0.1, help="fraction of class tokens replaced by the null class, for CFG (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
-    a("--batch-size", type=int, default=64, help="global batch (images per optimizer step, all ranks) (default: %(default)s)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per step on each rank (default: %(default)s)")
-    a("--max-steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    a("--min-lr", type=float, default=1e-4, help="final learning rate of the cosine schedule (default: %(default)s)")
-    a("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    a("--batch-size", type=positive_int, default=64, help="global batch (images per optimizer step, all ranks) (default: %(default)s)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per step on each rank (default: %(default)s)")
+    a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
+    a("--lr", type=positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    a("--min-lr", type=nonneg_float, default=1e-4, help="final learning rate of the cosine schedule (default: %(default)s)")
+    a("--warmup-steps", type=nonneg_int, default=100, help="linear warm-up steps (default: %(default)s)")
     a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"], help="decay after warm-up; the paper used inverse-sqrt (default: %(default)s)")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, matrices only (default: %(default)s)")
-    a("--beta2", type=float, default=0.95, help="AdamW beta2; the paper used 0.98 (default: %(default)s)")
-    a("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing; the paper used 0.1 (default: %(default)s)")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off) (default: %(default)s)")
+    a("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay, matrices only (default: %(default)s)")
+    a("--beta2", type=fraction, default=0.95, help="AdamW beta2; the paper used 0.98 (default: %(default)s)")
+    a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy label smoothing; the paper used 0.1 (default: %(default)s)")
+    a("--grad-clip", type=nonneg_float, default=1.0, help="clip the gradient norm (0: off) (default: %(default)s)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--eval-interval", type=int, default=250, help="steps between loss estimates (default: %(default)s)")
-    a("--eval-batches", type=int, default=4, help="fixed batches per loss estimate (default: %(default)s)")
-    a("--ckpt-interval", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
-    a("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps of this run, e.g. for a job time limit; 0 = run to --max-steps")
+    a("--eval-interval", type=positive_int, default=250, help="steps between loss estimates (default: %(default)s)")
+    a("--eval-batches", type=positive_int, default=4, help="fixed batches per loss estimate (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps of this run, e.g. for a job time limit; 0 = run to --max-steps")
     a("--resume", action="store_true", help="continue from OUT/gpt.pt: model, optimizer, step, RNG")
+    a("--force", action="store_true", help="start afresh even though OUT/gpt.pt exists (it is overwritten)")
     system = add_system_args(p, "reads tokens_*.pt from and writes gpt.pt to this directory")
     system.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p.parse_args(argv)
@@ -281,7 +283,8 @@ def estimate_loss(model, data, args, dtype, device):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)
-    ckpt_path = os.path.join(args.out, "gpt.pt")
+    ckpt_path = os.path.join(prepare_out(args.out), "gpt.pt")
+    refuse_overwrite(ckpt_path, args)
 
     # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16)
     train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
@@ -308,6 +311,7 @@ def main(argv=None):
     step, best_val, losses, evals = 0, float("inf"), [], []
     if args.resume:
         ck = restore(ckpt_path, model, optimizer, model_args, device)
+        check_same("codebooks", ckpt_path, ck.get("tokens"), f"{args.out}/tokens_train.pt", train.get("codebook"))
         step, best_val, losses, evals = ck["step"], ck["best_val"], ck["losses"], ck["evals"]
     raw = model  # the module whose weights are saved and evaluated
     if args.compile:
@@ -331,7 +335,8 @@ def main(argv=None):
                          config=vars(args), best_val=best_val, losses=losses, evals=evals,
                          rng=rng_state(device),
                          vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
-                         encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"]), ckpt_path)
+                         encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"],
+                         tokens=train.get("codebook"), fingerprint=new_fingerprint()), ckpt_path)
 
     # -- the training loop: the global batch of a step is a pure function of (seed, step), so a resumed
     #    run and a run on any number of ranks see the same batches; each rank takes its slice of it

@@ -95,6 +95,20 @@ def test_cfg_mixes_logits_as_uncond_plus_scale_times_difference():
     assert not torch.equal(got, plain)
 
 
+def test_temperature_and_top_k_shape_the_samples():
+    """Temperature changes the samples of a seed; top-k keeps every sampled token among the k most likely."""
+    model = tiny_gpt()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    hot = generate(model, labels, temperature=1.0, gen=torch.Generator().manual_seed(2))
+    cold = generate(model, labels, temperature=0.3, gen=torch.Generator().manual_seed(2))
+    assert not torch.equal(hot, cold)
+    got = generate(model, labels, top_k=3, gen=torch.Generator().manual_seed(2))
+    logits = model(got[:, :-1], labels)  # the logits every token was drawn from
+    top3 = logits.topk(3, dim=-1).indices
+    assert (top3 == got[..., None]).any(-1).all()
+    assert not (logits.topk(1, dim=-1).indices[..., 0] == got).all()  # and it did sample, not just take the argmax
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """gpt.pt, decoder.pt, vq.pt of tiny random models, in the format the training scripts write."""

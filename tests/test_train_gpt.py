@@ -157,6 +157,24 @@ def test_nan_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path
     assert last["step"] >= good["step"]
 
 
+@pytest.fixture(scope="module")
+def base_weights(tmp_path_factory):
+    out = make_token_files(str(tmp_path_factory.mktemp("base")))
+    main(["--out", out, "--max-steps", "6", *TINY, "--warmup-steps", "0"])
+    return torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("flag", [["--label-smoothing", "0.1"], ["--grad-clip", "0.01"], ["--weight-decay", "0.5"], ["--beta2", "0.5"],
+                                  ["--class-dropout", "0.5"], ["--dropout", "0.2"], ["--norm", "post"], ["--tie-embeddings"],
+                                  ["--unconditional"], ["--schedule", "inverse-sqrt"], ["--min-lr", "1e-2"], ["--seed", "1"]])
+def test_every_training_option_changes_the_run(base_weights, tmp_path, flag):
+    """Each option, set alone, changes the weights after a few steps (an option the loop ignored would not)."""
+    out = make_token_files(str(tmp_path))
+    main(["--out", out, "--max-steps", "6", *TINY, "--warmup-steps", "0", *flag])
+    b = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
+    assert any(base_weights[k].shape != b[k].shape or not torch.allclose(base_weights[k], b[k]) for k in base_weights), flag
+
+
 def test_mismatched_token_files_are_one_line_errors(tmp_path):
     out = make_token_files(str(tmp_path))
     val = torch.load(os.path.join(out, "tokens_val.pt"), weights_only=True)

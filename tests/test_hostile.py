@@ -1,0 +1,210 @@
+"""Hostile input: corrupt and mismatched files, bad flags, overwrites, full disks, stale temp files. Every case ends in a
+one-line error (no traceback) and leaves what was there intact."""
+import errno
+import os
+
+import pytest
+import torch
+
+import common
+import eval as evaluate
+import probe
+import sample
+import tokenize_kmeans
+import train_decoder
+import train_gpt
+from conftest import make_token_files, run_script
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8", "--precision", "fp32", "--eval-batches", "1"]
+
+
+def one_line_error(p, text):
+    assert p.returncode != 0, p.stdout[-500:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert text in p.stderr, p.stderr[-1000:]
+
+
+@pytest.mark.parametrize("get_args, argv", [
+    (tokenize_kmeans.get_args, ["--image-size", "-14"]), (tokenize_kmeans.get_args, ["--batch-size", "0"]),
+    (tokenize_kmeans.get_args, ["--workers", "-1"]), (tokenize_kmeans.get_args, ["--fit-points", "-100"]),
+    (tokenize_kmeans.get_args, ["--iters", "0"]), (tokenize_kmeans.get_args, ["--image-size", "0"]),
+    (train_gpt.get_args, ["--batch-size", "0"]), (train_gpt.get_args, ["--eval-interval", "0"]),
+    (train_gpt.get_args, ["--ckpt-interval", "0"]), (train_gpt.get_args, ["--grad-accum", "0"]), (train_gpt.get_args, ["--n-head", "0"]),
+    (train_gpt.get_args, ["--dropout", "2"]), (train_gpt.get_args, ["--device", "foo"]), (train_gpt.get_args, ["--class-dropout", "1.5"]),
+    (train_gpt.get_args, ["--max-steps", "-1"]), (train_gpt.get_args, ["--lr", "nan"]),
+    (sample.get_args, ["--top-k", "-5"]), (sample.get_args, ["--top-p", "0"]), (sample.get_args, ["--top-p", "1.5"]),
+    (sample.get_args, ["--temperature", "0"]), (sample.get_args, ["--temperature", "-1"]), (sample.get_args, ["--cfg-scale", "-1"]),
+    (sample.get_args, ["--num-samples", "0"]), (sample.get_args, ["--batch-size", "0"]), (sample.get_args, ["--decode-steps", "0"]),
+    (sample.get_args, ["--decode-temperature", "0"]),
+    (train_decoder.get_args, ["--stage", "vq", "--batch-size", "0"]), (train_decoder.get_args, ["--stage", "vq", "--vq-codes", "0"]),
+    (train_decoder.get_args, ["--stage", "vq", "--eval-interval", "0"]), (train_decoder.get_args, ["--stage", "maskgit", "--decode-steps", "0"]),
+    (probe.get_args, ["--epochs", "0"]), (probe.get_args, ["--batch-size", "0"]),
+    (evaluate.get_args, ["--batch-size", "0"]), (evaluate.get_args, ["--nearest-k", "0"]),
+])
+def test_bad_flags_are_refused_when_parsed(get_args, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        get_args(argv)
+    assert e.value.code == 2  # argparse's usage error, with the flag named
+    assert f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+def test_a_cuda_device_without_a_gpu_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        sample.get_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", os.urandom(2048)])
+def test_corrupt_artifacts_are_named_in_one_line(tmp_path, content):
+    path = tmp_path / "gpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        common.load_artifact(str(path), "run train_gpt.py first")
+    msg = str(e.value)
+    assert str(path) in msg and "cannot be read" in msg and "weights_only=False" not in msg and "\n" not in msg
+
+
+def test_a_truncated_checkpoint_is_a_one_line_error_in_every_consumer(tmp_path):
+    out = make_token_files(str(tmp_path))
+    train_gpt.main(["--out", out, "--max-steps", "2", *TINY])
+    data = open(os.path.join(out, "gpt.pt"), "rb").read()
+    open(os.path.join(out, "gpt.pt"), "wb").write(data[: len(data) // 2])
+    one_line_error(run_script("probe.py", "--out", out, check=False), "gpt.pt cannot be read")
+    one_line_error(run_script("train_gpt.py", "--out", out, "--resume", *TINY, check=False), "gpt.pt cannot be read")
+    one_line_error(run_script("sample.py", "--out", out, "--tokens-only", check=False), "gpt.pt cannot be read")
+
+
+def test_training_never_silently_overwrites_a_checkpoint(tmp_path):
+    out = make_token_files(str(tmp_path))
+    train_gpt.main(["--out", out, "--max-steps", "4", *TINY])
+    before = open(os.path.join(out, "gpt.pt"), "rb").read()
+    p = run_script("train_gpt.py", "--out", out, "--max-steps", "2", *TINY, check=False)
+    one_line_error(p, "--resume to continue it, --force")
+    assert open(os.path.join(out, "gpt.pt"), "rb").read() == before
+    train_gpt.main(["--out", out, "--max-steps", "2", "--force", *TINY])
+    assert torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["step"] == 2
+
+
+def test_tokens_of_another_codebook_are_refused_where_they_meet(tmp_path):
+    out = make_token_files(str(tmp_path))
+    for split in ("train", "val"):  # both made by codebook "aaa"
+        tok = torch.load(os.path.join(out, f"tokens_{split}.pt"), weights_only=True)
+        torch.save(dict(tok, codebook="aaa"), os.path.join(out, f"tokens_{split}.pt"))
+    train_gpt.main(["--out", out, "--max-steps", "2", *TINY])
+    assert torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["tokens"] == "aaa"
+    val = torch.load(os.path.join(out, "tokens_val.pt"), weights_only=True)
+    torch.save(dict(val, codebook="bbb"), os.path.join(out, "tokens_val.pt"))  # a val file of another fit, same K
+    one_line_error(run_script("train_gpt.py", "--out", out, "--resume", "--max-steps", "3", *TINY, check=False), "different codebooks")
+    one_line_error(run_script("probe.py", "--out", out, check=False), "different codebooks")
+    one_line_error(run_script("sample.py", "--out", out, "--from-tokens", os.path.join(out, "tokens_val.pt"), check=False),
+                   "different codebooks")
+    train = torch.load(os.path.join(out, "tokens_train.pt"), weights_only=True)
+    torch.save(dict(train, codebook="bbb"), os.path.join(out, "tokens_train.pt"))  # now both are "bbb", gpt.pt is "aaa"
+    one_line_error(run_script("train_gpt.py", "--out", out, "--resume", "--max-steps", "3", *TINY, check=False), "different codebooks")
+
+
+def test_samples_of_another_checkpoint_are_not_resumed(tmp_path):
+    out = make_token_files(str(tmp_path / "out"))
+    train_gpt.main(["--out", out, "--max-steps", "2", *TINY])
+    folder = str(tmp_path / "s")
+    sample.main(["--out", out, "--tokens-only", "--num-samples", "2", "--class", "0", "--samples-dir", folder])
+    train_gpt.main(["--out", out, "--max-steps", "3", "--resume", *TINY])  # the checkpoint changes
+    p = run_script("sample.py", "--out", out, "--tokens-only", "--num-samples", "2", "--class", "0", "--samples-dir", folder, check=False)
+    one_line_error(p, "other checkpoints")
+
+
+def test_sweep_values_are_numbers_and_nothing_outside_is_removed(tmp_path):
+    out = make_token_files(str(tmp_path / "out"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    p = run_script("eval.py", "--out", out, "--sweep", "cfg", "--values", "1/../../../victim", check=False)
+    one_line_error(p, "expected comma-separated numbers")
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+def test_eval_json_keeps_the_sections_of_earlier_runs(tmp_path, monkeypatch):
+    out = make_token_files(str(tmp_path))
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        f.write('{"stability": {"VQ": [], "DiGIT": []}, "rendered": {"n_samples": 4}}')
+    scores = dict(n_samples=2, n_real=4, fd_dinov2=1.0, classifier_score=1.0, class_agreement=1.0, precision=1.0, recall=1.0)
+    monkeypatch.setattr(evaluate, "generative_scores", lambda *a, **k: scores)
+    (tmp_path / "s").mkdir()
+    res = evaluate.main(["--out", out, "--samples", str(tmp_path / "s")])
+    assert set(res) == {"stability", "rendered", "generative"} and res["rendered"] == {"n_samples": 4}
+    assert res["generative"] == scores
+
+
+def test_nan_guards():
+    with pytest.raises(SystemExit, match="loss is nan at step 3"):
+        common.stop_if_not_finite(3, "gpt.pt", loss=float("nan"), grad_norm=1.0)
+    with pytest.raises(SystemExit, match="grad_norm is inf"):
+        common.stop_if_not_finite(3, "gpt.pt", loss=1.0, grad_norm=float("inf"))
+    common.stop_if_not_finite(3, "gpt.pt", loss=1.0, grad_norm=2.0)
+    model = torch.nn.Linear(2, 2)
+    common.check_weights_finite(model, "x.pt")
+    model.bias.data[0] = float("nan")
+    with pytest.raises(SystemExit, match="not saving them"):
+        common.check_weights_finite(model, "x.pt")
+
+
+def test_full_disk_removes_the_temp_file_and_keeps_the_old_artifact(tmp_path, monkeypatch):
+    path = str(tmp_path / "gpt.pt")
+    torch.save({"step": 1}, path)
+
+    def full(obj, f):
+        open(f, "wb").write(b"x" * 1000)  # half a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit, match="no space left on the device"):
+        common.save_atomic({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["gpt.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_output_folder_is_checked_and_stale_temp_files_removed(tmp_path):
+    stale, ours = tmp_path / "gpt.pt.tmp999999999", tmp_path / f"vq.pt.tmp{os.getpid()}"
+    stale.write_bytes(b"x"), ours.write_bytes(b"x")
+    common.prepare_out(str(tmp_path))
+    assert not stale.exists() and ours.exists()  # a live process's temp file may still be being written
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        common.prepare_out(str(tmp_path / "afile"))
+
+
+def test_a_train_set_of_only_unreadable_images_is_a_one_line_error(tmp_path):
+    for split in ("train", "val"):
+        d = tmp_path / "data" / split / "a"
+        d.mkdir(parents=True)
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    p = run_script("tokenize_kmeans.py", "--data", tmp_path / "data", "--out", tmp_path / "out", "--encoder", "dinov2_vits14_offline",
+                   "--image-size", "28", "--k", "2", "--workers", "0", "--batch-size", "1", "--precision", "fp32", check=False)
+    one_line_error(p, "no readable images")
+
+
+def test_image_folder_val_classes_by_name_no_link_loops_16_bit(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from data import make_dataset
+    from torchvision import transforms
+    for split, classes in (("train", ("x", "y", "z")), ("val", ("x", "z"))):  # val lacks "y"
+        for c in classes:
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(d / "a.png")
+    os.symlink(tmp_path / "train", tmp_path / "train" / "x" / "loop")  # a link back up
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "train" / "z" / "b16.png")  # mid-grey, 16 bits
+    train = make_dataset(str(tmp_path), "train", 8, None, transform=transforms.PILToTensor())
+    val = make_dataset(str(tmp_path), "val", 8, None, transform=transforms.PILToTensor())
+    assert len(train) == 4 and [y for _, y in train.samples] == [0, 1, 2, 2]
+    assert [y for _, y in val.samples] == [0, 2] and val.classes == ["x", "y", "z"]  # "z" keeps train's id
+    img = train[[os.path.basename(p) for p, _ in train.samples].index("b16.png")][0]
+    assert abs(int(img.float().mean()) - 128) <= 1  # not clipped to white
+    (tmp_path / "val" / "w").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "w" / "a.png")
+    with pytest.raises(SystemExit, match="class folders that train/ does not have: w"):
+        make_dataset(str(tmp_path), "val", 8, None)
