@@ -26,14 +26,15 @@ resume() {  # --resume if an unfinished checkpoint exists
     if [ "$FORCE" = 0 ] && [ -e "$OUT/$1" ]; then echo --resume; fi
 }
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
+force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refuse to overwrite a checkpoint without it
 
 stage tokenize "1/8 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
 stage gallery "1/8 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
-stage gpt "2/8 train the GPT" python train_gpt.py --out "$OUT" --max-steps 600 --eval-interval 150 --ckpt-interval 150 $(resume gpt.pt)
+stage gpt "2/8 train the GPT" python train_gpt.py --out "$OUT" --max-steps 600 --eval-interval 150 --ckpt-interval 150 $(resume gpt.pt) $(force)
 stage vq "3/8 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 450 --lr 1e-3 \
-    --vq-channels 32 --perceptual 0 --eval-interval 450 --ckpt-interval 150 $(resume vq.pt)
+    --vq-channels 32 --perceptual 0 --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
 stage maskgit "4/8 train the MaskGIT decoder" python train_decoder.py --stage maskgit --out "$OUT" --max-steps 1000 --lr 1e-3 \
-    --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt)
+    --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
 stage sample "5/8 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
     --top-k 100 --cfg-scale 2 --show-tokens
 stage probe "6/8 linear probe of the GPT" python probe.py --out "$OUT"

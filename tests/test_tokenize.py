@@ -124,13 +124,14 @@ def test_token_dtype():
     (["--k", "100000"], "larger than the number"),
     (["--encoder", "dinov3_vit"], "invalid choice"),  # argparse: last of several --encoder wins
 ])
-def test_bad_input_is_a_one_line_error(args, message, image_folder, tmp_path):
+def test_bad_input_is_a_one_line_error(args, message, image_folder, tmp_path, capsys):
+    """In-process (fail() is SystemExit with a one-line message; argparse prints its own line and exits with 2)."""
     out = tmp_path / "out"
     base = ["--data", image_folder, "--encoder", "dinov2_vits14_offline", "--image-size", "56", "--workers", "0"]
-    p = run_script("tokenize_kmeans.py", *base, *args, "--out", str(out), check=False)
-    assert p.returncode != 0
-    assert message in p.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in p.stderr
+    with pytest.raises(SystemExit) as e:
+        tk.main([*base, *args, "--out", str(out)])
+    said = str(e.value) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said and "\n" not in said
     assert not out.exists() or not os.listdir(out)  # nothing half-written
 
 
