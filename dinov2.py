@@ -199,37 +199,27 @@ def load_encoder(name, cache=None):
 # ----------------------------------------------------------------------------- cached features of real images
 
 @torch.no_grad()
-def real_features(tok, key, transform, make_extractor, batch_size, device, out):
-    """extract(images) [B, F] for every real image behind a token file (extract = make_extractor(), built only
-    when needed), cached in OUT under a name keyed by the data and `key` (the extractor), so later runs and
-    other stages reuse it. Under torchrun each rank encodes every world-th image; rows come back in dataset order."""
+def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=None):
+    """Global DINOv2 descriptors of the real images behind a token file, from one encoder pass: 'pooled'
+    (mean-pooled patch features of block `layer`: the probe's baseline) and 'cls' (eval.py's FD_DINOv2
+    feature). Cached in OUT under a name keyed by the data and the extractor, so probe.py and eval.py (and
+    later runs) encode the real images once. dtype: autocast_dtype()'s choice (None: fp32). Under torchrun
+    each rank encodes every world-th image; rows come back in dataset order."""
+    key = [encoder, size, layer, "bf16" if dtype else "fp32"]
     spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), key])
     path = os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
     if os.path.exists(path):
-        return load_artifact(path, "a cache: delete it and it is computed again")["features"]
-    rank, world = rank_world()
-    extract, images = make_extractor(), dataset_for_tokens(tok, transform=transform)
-    mine = list(range(rank, len(images), world))
-    feats = [extract(x.to(device)).float() for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size),
-                                                           desc=f"features of real {tok['data']['split']} ({key[0]})", leave=False, disable=rank != 0)]
-    feats = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()
-    if rank == 0:
-        save_atomic(dict(features=feats, key=key), path)
-    return feats
-
-
-def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=None):
-    """Global DINOv2 descriptors of the real images, from one encoder pass: 'pooled' (mean-pooled patch
-    features of block `layer`: the probe's baseline) and 'cls' (eval.py's FD_DINOv2 feature). Cached,
-    so probe.py and eval.py encode the real images once. dtype: autocast_dtype()'s choice (None: fp32)."""
-    def make_extractor():
-        model = load_encoder(encoder).to(device)
-
-        def extract(x):
+        f = load_artifact(path, "a cache: delete it and it is computed again")["features"]
+    else:
+        rank, world = rank_world()
+        model, images = load_encoder(encoder).to(device), dataset_for_tokens(tok, transform=image_transform(size))
+        mine = list(range(rank, len(images), world))
+        feats = []
+        for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size), desc=f"DINOv2 features of real {tok['data']['split']}",
+                         leave=False, disable=rank != 0):
             with autocast(device, dtype):
-                return torch.cat(model.pooled_and_cls(x, layer), dim=1)
-        return extract
-
-    key = [encoder, size, layer, "bf16" if dtype else "fp32"]
-    f = real_features(tok, key, image_transform(size), make_extractor, batch_size=batch_size, device=device, out=out)
+                feats.append(torch.cat(model.pooled_and_cls(x.to(device), layer), dim=1).float())
+        f = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()
+        if rank == 0:
+            save_atomic(dict(features=f, key=key), path)
     return dict(pooled=f[:, : f.shape[1] // 2], cls=f[:, f.shape[1] // 2:])

@@ -232,13 +232,8 @@ def inception_metrics(args, files, size, val_tok, device):
     {} with a one-line note when the Inception weights cannot be had (--inception auto, e.g. offline)."""
     import torch_fidelity
     weights = args.inception_weights
-    if weights is not None:  # torch-fidelity unpickles the file freely; accept it only if it is plain tensors
-        if not os.path.isfile(weights):
-            fail(f"--inception-weights {weights} not found")
-        try:
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            fail(f"--inception-weights {weights} is not a plain state dict of tensors ({str(e)[:80]})")
+    if weights is not None:  # torch-fidelity unpickles the file freely; accept it only if it loads as plain tensors
+        load_artifact(weights, "--inception-weights takes torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     spec = "_".join([val_tok["data"]["name"], val_tok["data"]["split"], str(len(val_tok["tokens"])), f"{size[0]}x{size[1]}"])
     try:
         m = torch_fidelity.calculate_metrics(
