@@ -12,8 +12,11 @@ import math
 import os
 import re
 import shutil
+import sys
+import threading
 import time
 import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -78,6 +81,9 @@ def add_system_args(p, out_help, precision=True):
     g.add_argument("--out", default="out", help=f"{out_help} (default: %(default)s)")
     g.add_argument("--device", default="auto", type=device_name, help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N' (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--dist-timeout", type=positive_float, default=600, help="under torchrun: seconds a collective waits for the "
+                   "other ranks before the run stops and names the rank that stopped answering; raise it if rank 0 alone "
+                   "evaluates for longer (default: %(default)s)")
     if precision:
         g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="bf16 autocast on CUDA, and on CPU where a start-up matmul test finds it 1.5x faster (default: %(default)s)")
@@ -231,11 +237,16 @@ def check_weights_finite(model, path):
 
 # ----------------------------------------------------------------------------- processes (torchrun)
 
-def init_distributed(device_arg="auto"):
-    """(rank, world, device). Under torchrun: one process per GPU (NCCL) or per CPU slot (gloo)."""
+def init_distributed(device_arg="auto", timeout=600.0):
+    """(rank, world, device). Under torchrun: one process per GPU (NCCL) or per CPU slot (gloo).
+
+    A collective waits at most `timeout` seconds for the other ranks (gloo's default is 30 minutes of
+    silence); every rank also writes a heartbeat to torchrun's store, so when one stops answering
+    (frozen, swapped out, SIGSTOPped) the others say which one it was instead of a bare 'Timed out'."""
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+        start_heartbeat(timeout)
     rank, world = rank_world()
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -243,6 +254,40 @@ def init_distributed(device_arg="auto"):
     else:
         device = torch.device("cpu" if device_arg == "auto" else device_arg)
     return rank, world, device
+
+
+def start_heartbeat(timeout):
+    """A daemon thread that stores 'heartbeat/<rank>' = time every few seconds, and an exception hook that
+    turns a collective's timeout into one line naming the ranks whose heartbeat went quiet."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=30))  # a second client of the rendezvous store torchrun runs
+    every = max(0.5, min(5.0, timeout / 4))
+
+    def beat():
+        while True:
+            try:
+                store.set(f"heartbeat/{rank}", repr(time.time()))
+            except Exception:  # the store went away: the run is ending
+                return
+            time.sleep(every)
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+    previous = sys.excepthook
+
+    def explain(kind, exc, tb):
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            return previous(kind, exc, tb)
+        silent = []
+        for r in range(world):
+            key = f"heartbeat/{r}"
+            age = time.time() - float(store.get(key)) if store.check([key]) else float("inf")
+            if r != rank and age > 3 * every:
+                silent.append(f"rank {r} (last heard {age:.0f} s ago)" if age < float("inf") else f"rank {r} (never heard)")
+        who = ("stopped answering: " + ", ".join(silent)) if silent else \
+            "every other rank is alive but one was busy longer than that (raise --dist-timeout)"
+        print(f"error: rank {rank}: a collective waited {timeout:g} s (--dist-timeout) and gave up; {who}", file=sys.stderr, flush=True)
+        os._exit(1)  # not a normal exit: tearing down the process group would wait for the silent rank again
+    sys.excepthook = explain
 
 
 def rank_world():

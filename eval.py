@@ -411,7 +411,7 @@ def write_report(args, results):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
     train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
     check_tokens(train_tok, val_tok, args.out)

@@ -68,7 +68,7 @@ def probe_accuracy(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
     model, ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")

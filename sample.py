@@ -224,7 +224,7 @@ def finish(args, folder, parts, labels, n, gpt_ck):
 def main(argv=None):
     args = get_args(argv)
     owner = not dist.is_initialized()  # eval.py --sweep calls us inside its own process group
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
     if args.from_tokens and args.tokens_only:
         fail("--from-tokens renders given tokens; --tokens-only would do nothing")

@@ -302,7 +302,7 @@ def main(argv=None):
     depth = ENCODERS[args.encoder]["depth"]
     check_args(args, depth)
     layer = args.layer % depth
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
     train = make_dataset(args.data, "train", args.image_size, args.cache)
     val = make_dataset(args.data, "val", args.image_size, args.cache)

@@ -359,7 +359,7 @@ def maskgit_loss(model, mask_id, vq, x, digit, gen, batch_size, rank, world):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(args.seed)

@@ -282,7 +282,7 @@ def estimate_loss(model, data, args, dtype, device):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, args.dist_timeout)
     ckpt_path = os.path.join(prepare_out(args.out), "gpt.pt")
     refuse_overwrite(ckpt_path, args)
 

@@ -2,6 +2,8 @@
 one-line error (no traceback) and leaves what was there intact."""
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import sample
 import tokenize_kmeans
 import train_decoder
 import train_gpt
-from conftest import make_token_files, run_script
+from conftest import ROOT, make_token_files, run_script
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8", "--precision", "fp32", "--eval-batches", "1"]
 
@@ -209,3 +211,35 @@ def test_image_folder_val_classes_by_name_no_link_loops_16_bit(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "w" / "a.png")
     with pytest.raises(SystemExit, match="class folders that train/ does not have: w"):
         make_dataset(str(tmp_path), "val", 8, None)
+
+
+FREEZE = """
+import os, signal, subprocess, sys, torch
+sys.path.insert(0, {root!r})
+from common import all_reduce, init_distributed
+rank, world, _ = init_distributed("cpu", timeout=3)
+all_reduce(torch.ones(1))                      # both ranks are up
+if rank == 1:  # frozen, as a swapped-out or stopped process would be; killed after 5 s (a stopped process ignores torchrun's SIGTERM)
+    subprocess.Popen(["sh", "-c", f"sleep 5; kill -KILL {{os.getpid()}}"], start_new_session=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+all_reduce(torch.ones(1))                      # rank 0 waits here for rank 1
+print("not reached")
+"""
+
+
+def test_a_frozen_torchrun_rank_is_named_after_the_timeout(tmp_path):
+    """Item 14: a collective gives up after --dist-timeout (not gloo's 30 minutes) and names the silent rank."""
+    script = tmp_path / "freeze.py"
+    script.write_text(FREEZE.format(root=ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode != 0 and "not reached" not in p.stdout
+    line = [s for s in p.stderr.splitlines() if s.startswith("error: rank 0")]
+    assert line and "waited 3 s (--dist-timeout)" in line[0] and "stopped answering: rank 1" in line[0], p.stderr[-2000:]
+
+
+def test_dist_timeout_is_a_checked_flag_of_every_script():
+    import train_gpt
+    assert train_gpt.get_args(["--dist-timeout", "30"]).dist_timeout == 30
+    with pytest.raises(SystemExit):
+        train_gpt.get_args(["--dist-timeout", "0"])
