@@ -176,23 +176,41 @@ def collate_skip(batch):
 
 # ----------------------------------------------------------------------------- token files (DESIGN.md's contract)
 
-def load_tokens(out, split):
-    return load_artifact(os.path.join(out, f"tokens_{split}.pt"), f"run tokenize_kmeans.py --out {out} first")
+TOKENIZERS = ("digit", "vq")  # DiGIT's K-means ids, or the pixel VQ's codes of the same images (the paper's baseline)
+
+
+def token_path(out, split, tokenizer="digit"):
+    """tokens_<split>.pt (tokenize_kmeans.py) or vq_tokens_<split>.pt (train_decoder.py --stage vq writes them)."""
+    return os.path.join(out, f"{'vq_' if tokenizer == 'vq' else ''}tokens_{split}.pt")
+
+
+def load_tokens(out, split, tokenizer="digit"):
+    hint = (f"run tokenize_kmeans.py --out {out} first" if tokenizer == "digit" else
+            f"run train_decoder.py --stage vq --out {out} first (it writes them when it ends; --resume of a finished VQ only writes them)")
+    return load_artifact(token_path(out, split, tokenizer), hint)
+
+
+def add_tokenizer_arg(group):
+    """--tokenizer: which token files a stage reads (and which GPT it trains or uses), declared once."""
+    group.add_argument("--tokenizer", default="digit", choices=TOKENIZERS,
+                       help="digit: DiGIT's tokens (tokens_*.pt, gpt.pt); vq: the pixel VQ's codes of the same images "
+                            "(vq_tokens_*.pt, gpt_vq.pt), the paper's baseline for the same GPT (default: %(default)s)")
 
 
 def check_tokens(train, val, path):
     """The two token files must agree with each other (and the ids with the vocabulary)."""
+    pre = "vq_" if train.get("tokenizer") == "vq" else ""
     for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
         if train[key] != val[key]:
-            fail(f"tokens_train.pt and tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
+            fail(f"{pre}tokens_train.pt and {pre}tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
     # e.g. a tokenizer killed between the two files, or a val file from another fit with the same K
-    check_same("codebooks", f"{path}/tokens_train.pt", train.get("codebook"), f"{path}/tokens_val.pt", val.get("codebook"))
+    check_same("codebooks", f"{path}/{pre}tokens_train.pt", train.get("codebook"), f"{path}/{pre}tokens_val.pt", val.get("codebook"))
     h, w = train["grid"]
     for name, t in (("train", train), ("val", val)):
         if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:
-            fail(f"tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
+            fail(f"{pre}tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
         if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
-            fail(f"tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
+            fail(f"{pre}tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
 
 
 def to_unit(x):

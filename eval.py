@@ -13,12 +13,11 @@ the feature space of a DINOv2 encoder (offline ViT-S/14 by default):
     a one-line note offline. The real set is the val images behind tokens_val.pt, resized (shorter side,
     bicubic) and centre-cropped to the samples' size; torch-fidelity resizes both to 299 as TF did.
 
-Latent stability (--stability): Gaussian noise at SNR 30 ... 0.01 dB is added to val images, and for
-both tokenizers (the pixel VQ of vq.pt and DiGIT's K-means on DINOv2, codebook.pt) we report the
-fraction of tokens that change and the cosine similarity between clean and noisy latent features.
+The latent-stability experiment (paper Table 1) is stability.py; --report includes its results.
 
-Run (reads out/; writes out/eval.md, out/eval.json, out/stability.png; --report also out/report.md):
-    python eval.py --samples out/samples --stability --report
+Run (reads out/; writes out/eval.json; --report also out/report.md):
+    python eval.py --samples out/samples --report
+    python eval.py --samples out/samples --vq-samples out/samples_vq --report   # + the same GPT on VQ tokens
     torchrun --nproc_per_node 8 eval.py --out out_imagenet --samples out_imagenet/samples   # features sharded
 """
 import glob
@@ -35,22 +34,18 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import (add_system_args, autocast, autocast_dtype, check_same, fail, finish_distributed, fit_linear, gather_rows,
-                    init_distributed, load_artifact, parser, positive_int, prepare_out, rank_world, seeded)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_tokens, pixel_transform, to_unit
+from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows, init_distributed,
+                    load_artifact, parser, positive_int, prepare_out, rank_world)
+from data import IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, pixel_transform
 from dinov2 import ENCODERS, dinov2_features, load_encoder
-from tokenize_kmeans import nearest_centroid
-from train_decoder import load_vq, vq_encode
-
-SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
-# The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
-PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956], "DiGIT": [.114, .160, .228, .320, .443, .571, .673, .721]}
 
 
 def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("generative scores").add_argument
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
+    a("--vq-samples", default=None, help="samples of the same GPT trained on the pixel VQ's tokens (sample.py --tokenizer vq), "
+      "scored the same way and set beside the DiGIT samples in the report (the paper's VQ-vs-DiGIT ablation)")
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=positive_int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
@@ -58,9 +53,6 @@ def get_args(argv=None):
     a("--inception", default="auto", choices=["auto", "on", "off"], help="FID and IS with torch-fidelity: auto = when the Inception "
       "weights load (--inception-weights, or torch-fidelity's download), on = required, off = skip (default: %(default)s)")
     a("--inception-weights", default=None, help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
-    a = p.add_argument_group("latent stability (paper Table 1)").add_argument
-    a("--stability", action="store_true", help="run the latent-stability experiment (needs vq.pt and codebook.pt)")
-    a("--stability-images", type=positive_int, default=200, help="val images for the stability experiment (default: %(default)s)")
     a = p.add_argument_group("sampling sweep").add_argument
     a("--sweep", choices=["top-k", "top-p", "cfg"], default=None, help="sample with sample.py over --values and score each (the paper's top-k/top-p figure)")
     a("--values", default=None, help="comma-separated values for --sweep (default: top-k 10,50,100,200,0; top-p 0.6,0.8,0.9,1; cfg 1,1.5,2,3,4)")
@@ -251,85 +243,6 @@ def inception_metrics(args, files, size, val_tok, device):
     return dict(fid=m["frechet_inception_distance"], inception_score=m["inception_score_mean"])
 
 
-# ----------------------------------------------------------------------------- latent stability (paper Table 1)
-
-def add_noise(x, snr_db, gen):
-    """x + Gaussian noise with power = signal power / 10^(SNR/10), per image, in x's (normalised) space."""
-    power = x.pow(2).flatten(1).mean(1).view(-1, 1, 1, 1)
-    return x + torch.randn(x.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
-
-
-@torch.no_grad()
-def stability(args, val_tok, device, snrs=SNRS):
-    """Token change rate and latent cosine similarity under pixel noise, for the VQ and the DiGIT tokenizer; and how
-    many clean DiGIT tokens recomputed here equal tokens_val.pt's (1.0 when both ran in fp32: the same tokenizer)."""
-    n = min(args.stability_images, len(val_tok["tokens"]))
-    cb = load_artifact(os.path.join(args.out, "codebook.pt"), f"run tokenize_kmeans.py --out {args.out} first")
-    check_same("codebooks", f"{args.out}/codebook.pt", cb.get("fingerprint"), f"{args.out}/tokens_val.pt", val_tok.get("codebook"))
-    if (cb["encoder"], cb["layer"], cb["image_size"]) != (val_tok["encoder"], val_tok["layer"], val_tok["image_size"]):
-        fail(f"{args.out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px) is not the tokenizer of "
-             f"tokens_val.pt ({val_tok['encoder']}, block {val_tok['layer']}, {val_tok['image_size']} px)")
-    vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-    encoder = load_encoder(cb["encoder"]).to(device)
-    centroids = cb["centroids"].to(device)
-    sub = torch.utils.data.Subset(dataset_for_tokens(val_tok), range(n))
-    dino_x = torch.stack([sub[i][0] for i in range(n)])  # ImageNet-normalised, the encoder's input space
-    pixels = ImagesWithTokens(val_tok, vq_ck["pixel_size"])  # built once: it reloads the dataset
-    vq_x = torch.stack([to_unit(pixels[i][0]) for i in range(n)])  # [-1, 1], the VQ's input space
-
-    def digit_latent(x):
-        f = torch.cat([encoder.get_intermediate_layers(c.to(device), [cb["layer"]])[0].float() for c in x.split(args.batch_size)])
-        ids = nearest_centroid(f.flatten(0, 1) - centroids.mean(0), centroids - centroids.mean(0))[0]
-        return f.flatten(0, 1), ids
-
-    def vq_latent(x):
-        z = torch.cat([vq.encoder(c.to(device)) for c in x.split(args.batch_size)])
-        return F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=1), vq_encode(vq, x.to(device)).flatten()
-
-    gen = seeded(args.seed)
-    result = {}
-    for name, x, latent in (("VQ", vq_x, vq_latent), ("DiGIT", dino_x, digit_latent)):
-        clean_f, clean_ids = latent(x)
-        rows = []
-        for snr in tqdm(snrs, desc=f"stability {name}", leave=False):
-            f, ids = latent(add_noise(x, snr, gen))
-            rows.append(dict(snr=snr, changed=float((ids != clean_ids).float().mean()),
-                             cosine=float(F.cosine_similarity(f, clean_f, dim=1).mean())))
-        result[name] = rows
-        if name == "DiGIT":
-            result["digit_clean_agreement"] = float((clean_ids.view(n, -1).cpu() == val_tok["tokens"][:n].long()).float().mean())
-    return result
-
-
-def stability_table(st):
-    head = "| SNR (dB) | " + " | ".join(str(s) for s in SNRS) + " |"
-    lines = [head, "|---" * (len(SNRS) + 1) + "|"]
-    for name in ("VQ", "DiGIT"):
-        lines.append(f"| {name}: tokens changed (ours) | " + " | ".join(f"{r['changed']:.3f}" for r in st[name]) + " |")
-        lines.append(f"| {name}: tokens changed (paper, ImageNet) | " + " | ".join(f"{v:.3f}" for v in PAPER_CHANGE[name]) + " |")
-        lines.append(f"| {name}: latent cosine similarity (ours) | " + " | ".join(f"{r['cosine']:.3f}" for r in st[name]) + " |")
-    return "\n".join(lines)
-
-
-def plot_stability(st, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    xs = range(len(SNRS))
-    for name, color in (("VQ", "tab:red"), ("DiGIT", "tab:blue")):
-        axes[0].plot(xs, [r["changed"] for r in st[name]], "o-", color=color, label=f"{name} (ours)")
-        axes[0].plot(xs, PAPER_CHANGE[name], "x--", color=color, alpha=0.5, label=f"{name} (paper, ImageNet)")
-        axes[1].plot(xs, [r["cosine"] for r in st[name]], "o-", color=color, label=name)
-    for ax, title in zip(axes, ("fraction of tokens changed", "cosine similarity of latents")):
-        ax.set_xticks(list(xs), [str(s) for s in SNRS])
-        ax.set_xlabel("SNR (dB)")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def sweep(args, train_tok, val_tok, device):
     """Generate with sample.py at each value of one sampling setting and score every set the same way."""
     import sample
@@ -354,6 +267,32 @@ def sweep(args, train_tok, val_tok, device):
 
 
 # ----------------------------------------------------------------------------- report
+
+def side_by_side(out, results, load):
+    """The paper's ablation on the demo: the same GPT (preset, steps, batch, seed) on DiGIT tokens and on the pixel
+    VQ's tokens of the same images, each sampled and scored the same way."""
+    cols = []
+    for tok, gen, ck, probe in (("DiGIT", "generative", "gpt.pt", "probe.json"), ("VQ", "generative_vq", "gpt_vq.pt", "probe_vq.json")):
+        g, c = results.get(gen), load(ck)
+        p = json.load(open(os.path.join(out, probe))) if os.path.exists(os.path.join(out, probe)) else None
+        cols.append(dict(
+            tokens=f"{tok}, {c['vocab_size']} ids" if c else "-",
+            gpt=f"{c['model_args']['n_layer']} x {c['model_args']['n_embd']}, {c['step']} steps" if c else "-",
+            val=f"{c['best_val']:.3f}" if c else "-",
+            probe=f"{100 * p['best_top1']:.1f}% (layer {p['best_layer']})" if p and "best_top1" in p else "-",
+            fd=f"{g['fd_dinov2']:.1f}" if g else "-", score=f"{g['classifier_score']:.2f}" if g else "-",
+            agree=f"{100 * g['class_agreement']:.1f}%" if g else "-", pr=f"{g['precision']:.3f} / {g['recall']:.3f}" if g else "-"))
+    rows = [("tokens", "tokens"), ("GPT", "gpt"), ("val loss, nats/token (NOT comparable: different vocabularies)", "val"),
+            ("linear probe, best GPT layer, val top-1", "probe"), ("FD_DINOv2 of the samples (lower is better)", "fd"),
+            ("classifier score (not IS)", "score"), ("class agreement of the samples", "agree"), ("precision / recall", "pr")]
+    n = results["generative_vq"]["n_samples"]
+    return (["## Same GPT, two tokenizers (the paper's VQ-vs-DiGIT ablation)",
+             f"The same GPT preset, steps, batch and seed, trained on DiGIT's tokens and on the pixel VQ's tokens of the same "
+             f"images; {n} class-conditional samples each, same sampling settings, scored with the same DINOv2 features.", "",
+             "| | DiGIT tokens | VQ tokens |", "|---|---|---|"] + [f"| {name} | {cols[0][k]} | {cols[1][k]} |" for name, k in rows] +
+            ["", "| samples of the GPT on DiGIT tokens | samples of the GPT on VQ tokens |", "|---|---|",
+             "| ![DiGIT](samples/grid.png) | ![VQ](samples_vq/grid.png) |"])
+
 
 def write_report(args, results):
     """out/report.md: every stage's numbers in one place."""
@@ -392,6 +331,8 @@ def write_report(args, results):
                   "", f"The classifier (linear, on DINOv2 features of real train images) scores {100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
         lines += [f"torch-fidelity (Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.", ""] if "fid" in g else \
             ["FID/IS: not computed (torch-fidelity's Inception weights were not available; see eval.py --inception-weights).", ""]
+    if "generative_vq" in results:
+        lines += side_by_side(out, results, load) + [""]
     if "rendered" in results:
         r = results["rendered"]
         lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
@@ -402,8 +343,10 @@ def write_report(args, results):
         lines += [f"## Sampling sweep: {sw['setting']}", "", f"| {sw['setting']} | FD_DINOv2 | classifier score | agreement | precision | recall |",
                   "|---|---|---|---|---|---|"] + [f"| {r['value']:g} | {r['fd_dinov2']:.2f} | {r['classifier_score']:.2f} | "
                                                   f"{100 * r['class_agreement']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} |" for r in sw["rows"]] + [""]
-    if "stability" in results:
-        lines += ["## Latent stability (paper Table 1)", stability_table(results["stability"]), "", "![stability](stability.png)", ""]
+    if os.path.exists(os.path.join(out, "stability.md")):  # stability.py
+        lines += ["## Latent stability (paper Table 1), fair protocol", open(os.path.join(out, "stability.md")).read(), "",
+                  "![stability](stability.png)", "", "The paper's argument as a toy (PCA keeps variance, LDA keeps the classes):", "",
+                  "![toy](toy.png)", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"-> {out}/report.md")
@@ -417,7 +360,7 @@ def main(argv=None):
     check_tokens(train_tok, val_tok, args.out)
     results = {}
     args.dtype = autocast_dtype(args.precision, device)
-    for key, folder in (("rendered", args.rendered), ("generative", args.samples)):
+    for key, folder in (("rendered", args.rendered), ("generative", args.samples), ("generative_vq", args.vq_samples)):
         if not folder:
             continue
         if not os.path.isdir(folder):
@@ -432,18 +375,12 @@ def main(argv=None):
     finish_distributed()  # features were sharded; what follows is small and runs on rank 0
     if rank != 0:
         return None
-    if args.stability:
-        results["stability"] = stability(args, val_tok, device)
-        print(stability_table(results["stability"]))
-        print(f"clean DiGIT tokens recomputed here = tokens_val.pt for {100 * results['stability']['digit_clean_agreement']:.1f}% "
-              f"of patches (below 100% only where the tokenizer ran in bf16)")
-        plot_stability(results["stability"], os.path.join(args.out, "stability.png"))
     if not results and not args.report:
-        fail("nothing to do: give --samples DIR, --rendered DIR, --sweep and/or --stability (see --help)")
+        fail("nothing to do: give --samples DIR, --vq-samples DIR, --rendered DIR and/or --sweep (see --help)")
     path = os.path.join(args.out, "eval.json")
     earlier = json.load(open(path)) if os.path.exists(path) else {}
     if results:  # merged: a run that scores only the samples keeps the stability and rendered results of earlier runs
-        results = {**earlier, **results}
+        results = {k: v for k, v in {**earlier, **results}.items() if k != "stability"}  # stability.json holds it now
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(path + ".tmp", path)

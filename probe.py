@@ -10,6 +10,7 @@ per layer, all trained together on cached features. Two baselines in the same ta
 Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe.json):
     python probe.py
     python probe.py --no-dinov2          # skip the (slower) DINOv2 baseline
+    python probe.py --tokenizer vq       # the same GPT trained on the pixel VQ's tokens (gpt_vq.pt) -> probe_vq.md/json
     torchrun --nproc_per_node 8 probe.py --out out_imagenet   # features sharded over ranks, gathered in order
 """
 import json
@@ -21,9 +22,9 @@ from tqdm import tqdm
 
 from common import (add_system_args, autocast_dtype, check_same, fail, finish_distributed, fit_linear, gather_rows,
                     init_distributed, parser, positive_float, positive_int, prepare_out, rank_world)
-from data import check_tokens, load_tokens
+from data import add_tokenizer_arg, check_tokens, load_tokens
 from dinov2 import dinov2_features
-from train_gpt import load_gpt
+from train_gpt import gpt_path, load_gpt
 
 
 def get_args(argv=None):
@@ -33,7 +34,7 @@ def get_args(argv=None):
     a("--lr", type=positive_float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
     a("--batch-size", type=positive_int, default=256, help="batch for features and classifiers (default: %(default)s)")
     a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it encodes every image once; eval.py reuses the features)")
-    add_system_args(p, "reads gpt.pt and tokens from, writes probe.md/json to")
+    add_tokenizer_arg(add_system_args(p, "reads gpt.pt and tokens from, writes probe.md/json to"))
     return p.parse_args(argv)
 
 
@@ -70,21 +71,22 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
-    model, ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
-    train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    path = gpt_path(args.out, args.tokenizer)
+    model, ck = load_gpt(path, device)
+    train, val = load_tokens(args.out, "train", args.tokenizer), load_tokens(args.out, "val", args.tokenizer)
     if train.get("labels") is None:
         fail("the token files have no labels: a linear probe needs classes")
-    check_same("codebooks", f"{args.out}/gpt.pt", ck.get("tokens"), f"{args.out}/tokens_train.pt", train.get("codebook"))
+    check_same("codebooks", path, ck.get("tokens"), f"the {args.tokenizer} token files in {args.out}", train.get("codebook"))
     check_tokens(train, val, args.out)
     if train["vocab_size"] != ck["vocab_size"] or tuple(train["grid"]) != tuple(ck["grid"]):
-        fail(f"gpt.pt (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
+        fail(f"{path} (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
              f"(vocab {train['vocab_size']}, grid {train['grid']})")
     n_classes = len(train["classes"])
     names = [f"GPT layer {i + 1}" for i in range(len(model.blocks))]
     sets = [(gpt_features(model, train["tokens"], args.batch_size, device), gpt_features(model, val["tokens"], args.batch_size, device))]
     sets.append((bag_of_tokens(train)[None], bag_of_tokens(val)[None]))
     names.append(f"baseline: bag of tokens (K={train['vocab_size']})")
-    if not args.no_dinov2:
+    if not args.no_dinov2 and train["encoder"] is not None:  # VQ token files have no encoder: the baseline is DiGIT's
         dtype = autocast_dtype(args.precision, device)
         feats = [dinov2_features(t, t["encoder"], t["image_size"], t["layer"], batch_size=args.batch_size, device=device,
                                  out=args.out, dtype=dtype)["pooled"] for t in (train, val)]
@@ -101,15 +103,17 @@ def main(argv=None):
     best = max(range(n_layer), key=lambda i: acc[i])
     rows = [f"| {n} | {100 * a:.1f} |" + (" best GPT layer |" if i == best else " |") for i, (n, a) in enumerate(zip(names, acc))]
     table = "\n".join([f"Linear probe, val top-1 (%), {len(train['tokens'])} train / {len(val['tokens'])} val images, "
-                       f"GPT {n_layer}x{model.tok_emb.weight.shape[1]}, K={train['vocab_size']}:", "",
+                       f"GPT {n_layer}x{model.tok_emb.weight.shape[1]} on {args.tokenizer} tokens, K={train['vocab_size']}:", "",
                        "| features | top-1 | |", "|---|---|---|", *rows])
     print(table)
-    with open(os.path.join(args.out, "probe.md"), "w") as f:
+    name = "probe" if args.tokenizer == "digit" else f"probe_{args.tokenizer}"
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
-    result = dict(top1=dict(zip(names, acc)), best_layer=best + 1, k=train["vocab_size"], gpt=ck["model_args"])
-    with open(os.path.join(args.out, "probe.json"), "w") as f:
+    result = dict(top1=dict(zip(names, acc)), per_layer=acc[:n_layer], best_layer=best + 1, best_top1=acc[best],
+                  k=train["vocab_size"], tokenizer=args.tokenizer, gpt=ck["model_args"], val_loss=ck["best_val"])
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"-> {args.out}/probe.md, {args.out}/probe.json")
+    print(f"-> {args.out}/{name}.md, {args.out}/{name}.json")
     return result
 
 

@@ -8,6 +8,8 @@ tokens.pt, samples.npz):
     python sample.py --class 1,7,9 --num-samples 4   # one row per class
     python sample.py --class 207 --cfg-scale 4 --top-k 300 --out out_imagenet
     python sample.py                                 # unconditional (or a random class)
+    python sample.py --tokenizer vq --class 7        # the same GPT trained on the pixel VQ's tokens (gpt_vq.pt):
+                                                     # its VQ ids are painted by the VQ decoder directly -> out/samples_vq/
     torchrun --nproc_per_node 8 sample.py --class $(seq -s, 0 999) --num-samples 50 --out out_imagenet   # 50k for FID
 
 Batches are spread over the ranks and each has its own seed, so the images are the same for any number of
@@ -28,7 +30,8 @@ from tqdm import tqdm
 from common import (add_system_args, check_same, fail, init_distributed, load_artifact, mass, nonneg_float, nonneg_int, parser,
                     positive_float, positive_int, prepare_out, save_atomic, seeded)
 from train_decoder import decode, load_decoder, load_vq, vq_decode
-from train_gpt import KVCache, load_gpt
+from data import add_tokenizer_arg
+from train_gpt import KVCache, gpt_path, load_gpt
 
 
 def get_args(argv=None):
@@ -47,11 +50,12 @@ def get_args(argv=None):
     a("--decode-temperature", type=positive_float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
     a = p.add_argument_group("output").add_argument
-    a("--samples-dir", default=None, help="where images go (default: OUT/samples)")
+    a("--samples-dir", default=None, help="where images go (default: OUT/samples, OUT/samples_vq with --tokenizer vq)")
     a("--show-tokens", action="store_true", help="also write a picture of the token ids (one colour per id)")
     a("--no-npz", action="store_true", help="do not write samples.npz (all samples as one uint8 array, for FID tools)")
     system = add_system_args(p, "reads gpt.pt, decoder.pt, vq.pt from here", precision=False)
     system.add_argument("--batch-size", type=positive_int, default=64, help="images generated at once (default: %(default)s)")
+    add_tokenizer_arg(system)
     return p.parse_args(argv)
 
 
@@ -132,6 +136,14 @@ def check_fit(gpt_ck, dec_ck, vq_ck, out):
     check_same("VQs", f"{out}/decoder.pt", dec_ck.get("vq"), f"{out}/vq.pt", vq_ck.get("fingerprint"))
 
 
+def check_fit_vq(gpt_ck, vq_ck, out):
+    """A GPT on VQ tokens (gpt_vq.pt) must have learned the codes of this vq.pt: same code count, grid and fingerprint."""
+    if gpt_ck["vocab_size"] != vq_ck["model_args"]["codes"] or tuple(gpt_ck["grid"]) != tuple(vq_ck["grid"]):
+        fail(f"{out}/gpt_vq.pt (vocab {gpt_ck['vocab_size']}, grid {tuple(gpt_ck['grid'])}) does not fit {out}/vq.pt "
+             f"({vq_ck['model_args']['codes']} codes, grid {tuple(vq_ck['grid'])})")
+    check_same("VQs", f"{out}/gpt_vq.pt", gpt_ck.get("tokens"), f"{out}/vq.pt", vq_ck.get("fingerprint"))
+
+
 def real_tokens(path, n, gpt_ck, device):
     """The first n rows of a token file (their labels as the 'requested' classes), checked against gpt.pt."""
     tok = load_artifact(path, "--from-tokens takes a token file such as OUT/tokens_val.pt")
@@ -166,7 +178,8 @@ def sampling_plan(args, gpt, gpt_ck, device):
 
 
 def sample_batch(args, models, labels, tokens, n, gen):
-    """One batch: DiGIT tokens from the GPT (unless given), then pixels [b, 3, H, W] in [-1, 1] (None with --tokens-only)."""
+    """One batch: tokens from the GPT (unless given), then pixels [b, 3, H, W] in [-1, 1] (None with --tokens-only):
+    DiGIT tokens go through the MaskGIT decoder to VQ tokens; a GPT on VQ tokens (dec None) needs only the VQ decoder."""
     gpt, dec, vq, vq_grid = models
     if tokens is None:
         # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
@@ -176,7 +189,7 @@ def sample_batch(args, models, labels, tokens, n, gen):
                           use_cache=not args.no_cache, progress=True)
     if args.tokens_only:
         return tokens, None
-    vq_ids = decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen)
+    vq_ids = tokens if dec is None else decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen)
     return tokens, vq_decode(vq, vq_ids, vq_grid).float().cpu()
 
 
@@ -225,7 +238,7 @@ def main(argv=None):
     args = get_args(argv)
     owner = not dist.is_initialized()  # eval.py --sweep calls us inside its own process group
     rank, world, device = init_distributed(args.device, args.dist_timeout)
-    gpt, gpt_ck = load_gpt(os.path.join(args.out, "gpt.pt"), device)
+    gpt, gpt_ck = load_gpt(gpt_path(args.out, args.tokenizer), device)
     if args.from_tokens and args.tokens_only:
         fail("--from-tokens renders given tokens; --tokens-only would do nothing")
     if args.classes is not None and gpt.n_classes == 0:
@@ -235,14 +248,17 @@ def main(argv=None):
     labels, given, note = sampling_plan(args, gpt, gpt_ck, device)  # checks --class and --from-tokens first
     dec = vq = dec_ck = vq_ck = None
     if not args.tokens_only:
-        dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
         vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-        check_fit(gpt_ck, dec_ck, vq_ck, args.out)
+        if gpt_ck.get("tokenizer", "digit") == "vq":  # VQ ids straight from the GPT: no MaskGIT stage
+            check_fit_vq(gpt_ck, vq_ck, args.out)
+        else:
+            dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
+            check_fit(gpt_ck, dec_ck, vq_ck, args.out)
     n = len(given) if given is not None else len(labels) if labels is not None else args.num_samples
     if rank == 0:
         print(f"sampling {note}; temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, cfg {args.cfg_scale}, "
               f"{'no ' if args.no_cache else ''}KV cache; {world} process(es)")
-    folder = args.samples_dir or os.path.join(args.out, "samples")
+    folder = args.samples_dir or os.path.join(args.out, "samples" if args.tokenizer == "digit" else f"samples_{args.tokenizer}")
     os.makedirs(os.path.join(prepare_out(folder), "parts"), exist_ok=True)
     # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so
     # the images do not depend on the number of ranks, and a batch whose part file exists is already done.

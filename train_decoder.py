@@ -3,7 +3,9 @@ Stage 2 of DiGIT: render DiGIT tokens as pixels (paper Sec. 3.3).
 
 DiGIT tokens say *what* is in each patch, not its exact pixels, so a second model paints them:
   --stage vq       a small pixel VQ autoencoder (VQGAN-like) whose latent grid equals the DiGIT grid;
-                   its tokens are the "pixel tokens". Writes vq.pt.
+                   its tokens are the "pixel tokens". Writes vq.pt, and the VQ's codes of the same
+                   images as vq_tokens_{train,val}.pt: the paper's baseline tokens, on which
+                   train_gpt.py --tokenizer vq trains the same GPT.
   --stage maskgit  a bidirectional transformer that predicts an image's VQ tokens from its DiGIT
                    tokens, MaskGIT-style (Chang et al. 2022); the VQ decoder renders them. Writes
                    decoder.pt and decoder_val.png (rows: original | VQ reconstruction | from DiGIT).
@@ -27,9 +29,9 @@ from tqdm import tqdm
 
 from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
                     finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
-                    parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
+                    load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
                     stop_if_not_finite)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit, token_path
 from dinov2 import load_encoder
 from train_gpt import MODELS, Block
 
@@ -460,8 +462,30 @@ def main(argv=None):
     bar.close()
     if rank == 0:
         print(f"done at step {step}: {ckpt_path} {metrics}")
+        if args.stage == "vq":  # the baseline tokenizer's token files, from the weights just saved
+            fingerprint = load_artifact(ckpt_path, "the checkpoint this run saved").get("fingerprint")
+            for split, images, tok in (("train", train, train_tok), ("val", val, val_tok)):
+                write_vq_tokens(raw, images, tok, split, fingerprint, pixel_size, args.out, device)
     finish_distributed()
     return metrics
+
+
+@torch.no_grad()
+def write_vq_tokens(vq, images, tok, split, fingerprint, pixel_size, out, device):
+    """The VQ's codes of the images behind a DiGIT token file (ImagesWithTokens), as a token file of the same
+    contract and rows (labels, classes, data) with tokenizer = "vq": the tokens of the paper's VQ baseline,
+    for the same GPT (train_gpt.py --tokenizer vq). fp32, so the ids do not depend on the machine's precision."""
+    vq.eval()
+    ids = torch.cat([vq_encode(vq, to_unit(x.to(device))).cpu() for x, _, _ in
+                     tqdm(DataLoader(images, batch_size=64), desc=f"VQ tokens of {split}", leave=False)])
+    vq.train()
+    codes = vq.codebook.num_embeddings
+    path = token_path(out, split, "vq")
+    save_atomic(dict(tokens=ids.to(torch.int16 if codes <= 32767 else torch.int32), grid=tok["grid"], vocab_size=codes,
+                     labels=tok.get("labels"), classes=tok["classes"], data=tok["data"], tokenizer="vq",
+                     encoder=None, layer=None, image_size=pixel_size,  # the tokenizer's input: pixels, no encoder
+                     codebook=fingerprint, digit_tokens=tok.get("codebook")), path)
+    print(f"VQ tokens [{len(ids)}, {ids.shape[1]}] of the {split} images -> {path}")
 
 
 def restart_dead_codes(vq, usage, z, gen):

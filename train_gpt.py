@@ -8,6 +8,7 @@ make classifier-free guidance possible at sampling time.
 
 Run (reads out/tokens_{train,val}.pt, writes out/gpt.pt):
     python train_gpt.py                                   # demo: tiny GPT on MNIST tokens, CPU
+    python train_gpt.py --tokenizer vq                    # the same GPT on the pixel VQ's tokens -> out/gpt_vq.pt
     torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 256 --max-steps 300000
     python train_gpt.py --resume                          # continue from out/gpt.pt
 """
@@ -27,7 +28,7 @@ from common import (add_system_args, autocast, autocast_dtype, batch_indices, ch
                     finish_distributed, fraction, init_distributed, learning_rate, load_model, matmul_flops, new_fingerprint,
                     nonneg_float, nonneg_int, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore,
                     rng_state, save_atomic, seeded, stop_if_not_finite)
-from data import check_tokens, load_tokens
+from data import add_tokenizer_arg, check_tokens, load_tokens
 
 # n_layer x n_embd x n_head. base = DiGIT-base (~219M with K=8192), large = DiGIT-large (~732M).
 MODELS = {
@@ -71,6 +72,7 @@ def get_args(argv=None):
     a("--force", action="store_true", help="start afresh even though OUT/gpt.pt exists (it is overwritten)")
     system = add_system_args(p, "reads tokens_*.pt from and writes gpt.pt to this directory")
     system.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_tokenizer_arg(system)
     return p.parse_args(argv)
 
 
@@ -202,6 +204,11 @@ class KVCache:
         self.pos = 0
 
 
+def gpt_path(out, tokenizer="digit"):
+    """gpt.pt: the GPT on DiGIT tokens; gpt_vq.pt: the same GPT trained on the pixel VQ's tokens (--tokenizer vq)."""
+    return os.path.join(out, "gpt.pt" if tokenizer == "digit" else f"gpt_{tokenizer}.pt")
+
+
 def load_gpt(path, device):
     """(frozen GPT, checkpoint dict) from gpt.pt."""
     return load_model(path, GPT, "run train_gpt.py first", device)
@@ -283,11 +290,12 @@ def estimate_loss(model, data, args, dtype, device):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device, args.dist_timeout)
-    ckpt_path = os.path.join(prepare_out(args.out), "gpt.pt")
+    ckpt_path = gpt_path(prepare_out(args.out), args.tokenizer)
     refuse_overwrite(ckpt_path, args)
 
-    # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16)
-    train, val = load_tokens(args.out, "train"), load_tokens(args.out, "val")
+    # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16);
+    #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): the same GPT learns either
+    train, val = load_tokens(args.out, "train", args.tokenizer), load_tokens(args.out, "val", args.tokenizer)
     check_tokens(train, val, args.out)
     conditional = not args.unconditional and train.get("labels") is not None
     n_classes = len(train["classes"]) if conditional else 0
@@ -311,7 +319,7 @@ def main(argv=None):
     step, best_val, losses, evals = 0, float("inf"), [], []
     if args.resume:
         ck = restore(ckpt_path, model, optimizer, model_args, device)
-        check_same("codebooks", ckpt_path, ck.get("tokens"), f"{args.out}/tokens_train.pt", train.get("codebook"))
+        check_same("codebooks", ckpt_path, ck.get("tokens"), "its token files", train.get("codebook"))
         step, best_val, losses, evals = ck["step"], ck["best_val"], ck["losses"], ck["evals"]
     raw = model  # the module whose weights are saved and evaluated
     if args.compile:
@@ -336,7 +344,7 @@ def main(argv=None):
                          rng=rng_state(device),
                          vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
                          encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"],
-                         tokens=train.get("codebook"), fingerprint=new_fingerprint()), ckpt_path)
+                         tokenizer=train.get("tokenizer", "digit"), tokens=train.get("codebook"), fingerprint=new_fingerprint()), ckpt_path)
 
     # -- the training loop: the global batch of a step is a pure function of (seed, step), so a resumed
     #    run and a run on any number of ranks see the same batches; each rank takes its slice of it

@@ -315,15 +315,67 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6)
 
 
-def test_latent_stability_on_the_tiny_run(decoder_out):
-    """Paper Table 1 on the tiny run: the clean DiGIT ids are tokens_val.pt's, noise far below the signal changes
-    nothing, and the change rate grows as the SNR falls (for both tokenizers)."""
-    import eval as evaluate
-    args = evaluate.get_args(["--out", decoder_out, "--stability-images", "8", "--precision", "fp32"])
-    val = torch.load(os.path.join(decoder_out, "tokens_val.pt"), weights_only=True)
-    st = evaluate.stability(args, val, torch.device("cpu"), snrs=[300, 20, 0.01, -20])
-    assert st["digit_clean_agreement"] == 1.0
+def test_latent_stability_on_the_tiny_run(decoder_out, tmp_path):
+    """stability.py on the tiny run: noise far below the signal changes nothing, the change rate grows as the SNR
+    falls (both tokenizers), and the report files are written."""
+    import stability
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in os.listdir(decoder_out):
+        if f.endswith(".pt"):
+            os.link(os.path.join(decoder_out, f), out / f)
+    r = stability.main(["--out", str(out), "--images", "4", "--snrs", "300,20,0.01,-20", "--device", "cpu"])
     for name in ("VQ", "DiGIT"):
-        changed = [r["changed"] for r in st[name]]
-        assert changed[0] == 0.0 and st[name][0]["cosine"] > 0.9999, (name, changed)
+        changed = [x["changed"] for x in r["fair"][name]]
+        assert changed[0] == 0.0 and r["fair"][name][0]["cosine"] > 0.9999, (name, changed)
         assert changed[0] <= changed[1] <= changed[2] <= changed[3] and changed[3] > 0.3, (name, changed)
+    assert r["analysis"]["snrs"] == [20] and len(r["analysis"]["rows"]) == 8
+    assert set(r["resize_agreement"]) == {"DiGIT", "VQ"}
+    for f in ("stability.md", "stability.json", "stability.png", "toy.png"):
+        assert os.path.getsize(out / f) > 0
+
+
+def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_on_them(decoder_out, tmp_path):
+    """The paper's baseline tokens: stage vq writes the VQ's codes of the same rows as the DiGIT token files (same labels,
+    data, grid; ids = vq_encode of the images); train_gpt.py --tokenizer vq trains the same GPT on them; sample.py paints
+    its ids with the VQ decoder directly (no MaskGIT); probe.py probes its layers; a VQ that is not the GPT's is refused."""
+    import probe
+    import sample
+    import train_gpt
+    from data import ImagesWithTokens, to_unit
+    from train_decoder import load_vq, vq_decode, vq_encode
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq_tokens_train.pt", "vq_tokens_val.pt", "vq.pt", "codebook.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    digit, vq_tok = torch.load(out / "tokens_val.pt", weights_only=True), torch.load(out / "vq_tokens_val.pt", weights_only=True)
+    vq, vq_ck = load_vq(str(out / "vq.pt"), torch.device("cpu"))
+    assert vq_tok["tokenizer"] == "vq" and vq_tok["codebook"] == vq_ck["fingerprint"] and vq_tok["vocab_size"] == 32
+    assert tuple(vq_tok["grid"]) == tuple(digit["grid"]) and torch.equal(vq_tok["labels"], digit["labels"])
+    assert vq_tok["data"]["index"].tolist() == digit["data"]["index"].tolist() and vq_tok["classes"] == digit["classes"]
+    images = ImagesWithTokens(digit, vq_ck["pixel_size"])
+    x = to_unit(torch.stack([images[i][0] for i in range(len(images))]))
+    with torch.no_grad():
+        assert torch.equal(vq_encode(vq, x), vq_tok["tokens"].long())
+
+    train_gpt.main(["--out", str(out), "--tokenizer", "vq", "--max-steps", "3", "--batch-size", "4", "--n-layer", "1",
+                    "--eval-interval", "3", "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
+    ck = torch.load(out / "gpt_vq.pt", weights_only=True)
+    assert ck["tokenizer"] == "vq" and ck["vocab_size"] == 32 and ck["tokens"] == vq_ck["fingerprint"] and not (out / "gpt.pt").exists()
+
+    tokens, pngs = sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0,1", "--num-samples", "2", "--device", "cpu"])
+    assert tokens.shape == (4, 16) and int(tokens.max()) < 32 and pngs.shape == (4, 3, 16, 16)
+    assert len([f for f in os.listdir(out / "samples_vq") if f.endswith("png")]) == 4 + 1  # + grid.png
+    with torch.no_grad():  # the PNGs are the VQ decoder's pictures of the sampled ids, up to 8-bit rounding
+        painted = vq_decode(vq, tokens.long(), tuple(vq_ck["grid"])) / 2 + 0.5
+    assert (painted - pngs).abs().max() < 1.5 / 255
+
+    r = probe.main(["--out", str(out), "--tokenizer", "vq", "--epochs", "2", "--device", "cpu", "--precision", "fp32"])
+    assert r["tokenizer"] == "vq" and len(r["per_layer"]) == 1 and (out / "probe_vq.json").exists() and (out / "probe_vq.md").exists()
+
+    other = torch.load(out / "vq.pt", weights_only=True)
+    other["fingerprint"] = "another-vq"
+    (out / "vq.pt").unlink()
+    torch.save(other, out / "vq.pt")
+    with pytest.raises(SystemExit, match="different VQs"):
+        sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "s")])

@@ -1,0 +1,316 @@
+"""
+The paper's latent-stability experiment (Table 1), run fairly, and what decides how it comes out.
+
+Claim (paper Sec. 2-3, Table 1): tokens from a discriminative latent space (K-means on DINOv2 features,
+DiGIT) change less under pixel noise than tokens of a reconstructive one (a pixel VQ), and a stable
+latent space is what lets an autoregressive model work.
+
+Fair protocol: Gaussian noise is added ONCE per image, to the image's own pixels in [0, 1] before any
+resize (for MNIST the 28x28 digit), at SNR = 10 log10(P_signal / P_noise) of those pixels (not clipped,
+so the SNR is exact); the SAME noisy image goes to both tokenizers, and each resizes / normalises it as
+it always does (DiGIT: bicubic to the tokenizer's image size, ImageNet normalisation, DINOv2, nearest
+centroid; VQ: bicubic to its pixel size, [-1, 1], VQ encoder, nearest code). We report the fraction of
+tokens that change and the cosine similarity of clean vs noisy latents (DINOv2 features / VQ encoder
+outputs), beside the paper's ImageNet numbers.
+
+What decides it (the analysis table):
+  - where the noise is added: at the image's native resolution (fair) or at each tokenizer's own input
+    resolution (on MNIST DINOv2 sees a 4x upsampled digit, so native-resolution noise arrives as
+    stroke-sized blobs; on ImageNet both tokenizers work near the native 256 px and the two coincide);
+  - foreground (stroke) vs background tokens.
+The paper's theory in one picture (--toy, always written): two overlapping classes in 2-D projected to 1-D
+by PCA (keeps variance, like a reconstructive tokenizer) and by LDA (keeps what separates the classes, like
+a discriminative one), and how accurate each projection stays as noise grows.
+
+Run (reads out/codebook.pt, out/vq.pt, out/tokens_val.pt; writes out/stability.md, out/stability.json,
+out/stability.png, out/toy.png):
+    python stability.py
+    python stability.py --images 500 --snrs 30,20,10,1
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from common import add_system_args, check_same, fail, init_distributed, load_artifact, parser, positive_int, prepare_out, seeded
+from data import IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, token_path
+from dinov2 import load_encoder
+from tokenize_kmeans import nearest_centroid
+from train_decoder import load_vq, vq_encode
+
+SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
+# The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
+PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956], "DiGIT": [.114, .160, .228, .320, .443, .571, .673, .721]}
+ANALYSIS_SNRS = [20, 10, 1]
+
+
+def get_args(argv=None):
+    p = parser(__doc__)
+    a = p.add_argument_group("experiment").add_argument
+    a("--images", type=positive_int, default=200, help="val images (default: %(default)s)")
+    a("--snrs", default=",".join(map(str, SNRS)), help="comma-separated SNRs in dB (default: the paper's %(default)s)")
+    a("--foreground", type=float, default=0.1, help="a token is 'foreground' if its cell's mean clean pixel value exceeds this (default: %(default)s)")
+    add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to", precision=False)
+    args = p.parse_args(argv)
+    try:
+        args.snrs = [float(s) for s in args.snrs.split(",")]
+    except ValueError:
+        fail(f"--snrs {args.snrs!r}: expected comma-separated numbers")
+    return args
+
+
+# ----------------------------------------------------------------------------- noise on pixels in [0, 1]
+
+def add_noise(x, snr_db, gen):
+    """x [3, H, W] in [0, 1] + Gaussian noise of power P_signal / 10^(SNR/10), P_signal = mean(x^2) of this image."""
+    power = x.pow(2).mean()
+    return x + torch.randn(x.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
+
+
+def resize(x, size):
+    """What the tokenizers' transforms do (data.image_transform / pixel_transform), on a float tensor that may
+    hold noise outside [0, 1]: shorter side to size (bicubic, antialiased), centre crop."""
+    return TF.center_crop(TF.resize(x, size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True), size)
+
+
+# ----------------------------------------------------------------------------- the two tokenizers
+
+class DiGITTokenizer:
+    """Pixels in [0, 1] at any size -> (DINOv2 features [N*h*w, D], K-means ids [N*h*w]) as tokenize_kmeans.py makes them."""
+
+    def __init__(self, cb, device, batch_size=64):
+        self.encoder, self.layer, self.size = load_encoder(cb["encoder"]).to(device), cb["layer"], cb["image_size"]
+        self.centroids, self.device, self.batch_size = cb["centroids"].to(device), device, batch_size
+        self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def prepare(self, x):
+        return resize(x, self.size)
+
+    @torch.no_grad()
+    def __call__(self, x):  # x: [N, 3, S, S] already at self.size, in [0, 1] (+ noise)
+        f = torch.cat([self.encoder.get_intermediate_layers(self.norm(c).to(self.device), [self.layer])[0].float()
+                       for c in x.split(self.batch_size)]).flatten(0, 1)
+        mu = self.centroids.mean(0)  # centred, as tokenize_kmeans.py assigns (float32 precision)
+        return f, nearest_centroid(f - mu, self.centroids - mu)[0]
+
+
+class VQTokenizer:
+    """Pixels in [0, 1] -> (unit-norm VQ encoder outputs [N*h*w, D], VQ code ids [N*h*w]) of vq.pt."""
+
+    def __init__(self, vq, size, device, batch_size=64):
+        self.vq, self.size, self.device, self.batch_size = vq, size, device, batch_size
+
+    def prepare(self, x):
+        return resize(x, self.size)
+
+    @torch.no_grad()
+    def __call__(self, x):
+        x = (x * 2 - 1).to(self.device)
+        z = torch.cat([self.vq.encoder(c) for c in x.split(self.batch_size)])
+        ids = torch.cat([vq_encode(self.vq, c) for c in x.split(self.batch_size)])
+        return F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=1), ids.flatten()
+
+
+def load_tokenizers(out, val_tok, device):
+    """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt."""
+    cb = load_artifact(os.path.join(out, "codebook.pt"), f"run tokenize_kmeans.py --out {out} first")
+    check_same("codebooks", f"{out}/codebook.pt", cb.get("fingerprint"), f"{out}/tokens_val.pt", val_tok.get("codebook"))
+    if (cb["encoder"], cb["layer"], cb["image_size"]) != (val_tok["encoder"], val_tok["layer"], val_tok["image_size"]):
+        fail(f"{out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px) is not the tokenizer of "
+             f"tokens_val.pt ({val_tok['encoder']}, block {val_tok['layer']}, {val_tok['image_size']} px)")
+    vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
+    if tuple(vq_ck["grid"]) != tuple(val_tok["grid"]):
+        fail(f"{out}/vq.pt has a {tuple(vq_ck['grid'])} latent grid, the DiGIT tokens {tuple(val_tok['grid'])}: retrain the VQ")
+    return {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device), "DiGIT": DiGITTokenizer(cb, device)}
+
+
+def native_images(val_tok, n):
+    """The first n val images as float [3, H, W] in [0, 1] at their own resolution (MNIST: 28x28)."""
+    ds = dataset_for_tokens(val_tok, transform=transforms.ToTensor())
+    return [ds[i][0] for i in tqdm(range(n), desc="load val images", leave=False)]
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+def measure(tokenizers, images, snrs, gen, where="native"):
+    """Per tokenizer and SNR: per-token 'changed' flags [N*h*w] and latent cosines [N*h*w].
+
+    where='native': noise once per image on its native pixels, the same noisy image to both tokenizers (fair).
+    where='input': noise on each tokenizer's own resized input (SNR measured there), drawn separately."""
+    clean = {name: tok(torch.stack([tok.prepare(x) for x in images])) for name, tok in tokenizers.items()}
+    result = {name: [] for name in tokenizers}
+    for snr in tqdm(snrs, desc=f"noise at {where} resolution", leave=False):
+        noisy = [add_noise(x, snr, gen) for x in images] if where == "native" else None
+        for name, tok in tokenizers.items():
+            x = torch.stack([tok.prepare(y) for y in noisy]) if noisy is not None else \
+                torch.stack([add_noise(tok.prepare(y), snr, gen) for y in images])
+            f, ids = tok(x)
+            result[name].append(dict(snr=snr, changed=(ids != clean[name][1]).cpu(),
+                                     cosine=F.cosine_similarity(f, clean[name][0], dim=1).cpu()))
+    return result, clean
+
+
+def foreground_mask(images, grid, threshold):
+    """[N*h*w] bool: the token's cell of the clean image (native pixels averaged over it) is brighter than threshold."""
+    cells = torch.stack([F.adaptive_avg_pool2d(x.mean(0, keepdim=True), grid).flatten() for x in images])
+    return (cells > threshold).flatten()
+
+
+def summary(rows, mask=None):
+    keep = (lambda t: t) if mask is None else (lambda t: t[mask])
+    return [dict(snr=r["snr"], changed=float(keep(r["changed"]).float().mean()), cosine=float(keep(r["cosine"]).mean())) for r in rows]
+
+
+def analysis(fair, at_input, fg):
+    """Rows of the 'what decides it' table: change rate at the SNRs both protocols ran (ANALYSIS_SNRS)."""
+    snrs = [r["snr"] for r in at_input["VQ"]]
+    rows = []
+    for name in ("VQ", "DiGIT"):
+        for label, res, mask in (("at native res., all tokens", fair, None), ("at native res., foreground", fair, fg),
+                                 ("at native res., background", fair, ~fg), ("at its own input res., all tokens", at_input, None)):
+            s = {r["snr"]: r["changed"] for r in summary(res[name], mask)}
+            rows.append(dict(tokenizer=name, setting=label, changed=[s[x] for x in snrs]))
+    return dict(snrs=snrs, rows=rows, foreground_share=float(fg.float().mean()))
+
+
+# ----------------------------------------------------------------------------- the toy: PCA vs LDA
+
+def toy_pca_lda(n=2000, noises=(0, 0.5, 1, 1.5, 2, 3), seed=0):
+    """Two classes in 2-D with a long shared axis of variance (x) and the class difference on the short one (y).
+    PCA's 1-D projection keeps x (the variance), LDA's keeps what separates the classes. Accuracy of a threshold
+    classifier on each projection, fitted on clean points, as Gaussian noise of growing std is added to the points."""
+    g = seeded(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 2, generator=g) * torch.tensor([3.0, 0.6]) + (y[:, None] * 2 - 1) * torch.tensor([0.6, 1.0])
+    x = x @ torch.tensor([[0.94, 0.34], [-0.34, 0.94]])  # rotated a little: neither axis is trivially "the" answer
+    xc = x - x.mean(0)
+    pca = torch.linalg.eigh(xc.T @ xc / n).eigenvectors[:, -1]  # largest-variance direction
+    m0, m1 = x[y == 0].mean(0), x[y == 1].mean(0)
+    sw = torch.cov(x[y == 0].T) + torch.cov(x[y == 1].T)
+    lda = F.normalize(torch.linalg.solve(sw, m1 - m0), dim=0)  # Fisher's direction
+    acc = {"PCA": [], "LDA": []}
+    for name, w in (("PCA", pca), ("LDA", lda)):
+        p = x @ w
+        t = (p[y == 0].mean() + p[y == 1].mean()) / 2
+        sign = 1 if p[y == 1].mean() > t else -1
+        for s in noises:
+            q = (x + torch.randn(x.shape, generator=g) * s) @ w
+            acc[name].append(float((((q - t) * sign > 0).long() == y).float().mean()))
+    return dict(points=x, labels=y, directions=dict(PCA=pca, LDA=lda), noises=list(noises), accuracy=acc)
+
+
+def plot_toy(toy, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    x, y = toy["points"], toy["labels"]
+    axes[0].scatter(x[y == 0, 0], x[y == 0, 1], s=2, alpha=0.4, color="tab:orange", label="class 0")
+    axes[0].scatter(x[y == 1, 0], x[y == 1, 1], s=2, alpha=0.4, color="tab:green", label="class 1")
+    for name, color in (("PCA", "tab:red"), ("LDA", "tab:blue")):
+        d = toy["directions"][name] * 6
+        axes[0].plot([-d[0], d[0]], [-d[1], d[1]], color=color, lw=2, label=f"{name} direction")
+        axes[1].plot(toy["noises"], toy["accuracy"][name], "o-", color=color, label=f"{name} projection")
+    axes[0].set_aspect("equal")
+    axes[0].set_title("2-D data, two 1-D projections")
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[1].set_xlabel("std of Gaussian noise added to the points")
+    axes[1].set_ylabel("accuracy on the 1-D projection")
+    axes[1].set_title("PCA keeps variance, LDA keeps the classes")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tables and plot
+
+def stability_table(st):
+    snrs = [r["snr"] for r in st["VQ"]]
+    lines = ["| SNR (dB) | " + " | ".join(f"{s:g}" for s in snrs) + " |", "|---" * (len(snrs) + 1) + "|"]
+    for name in ("VQ", "DiGIT"):
+        lines.append(f"| {name}: tokens changed (ours) | " + " | ".join(f"{r['changed']:.3f}" for r in st[name]) + " |")
+        if snrs == SNRS:
+            lines.append(f"| {name}: tokens changed (paper, ImageNet) | " + " | ".join(f"{v:.3f}" for v in PAPER_CHANGE[name]) + " |")
+        lines.append(f"| {name}: latent cosine similarity (ours) | " + " | ".join(f"{r['cosine']:.3f}" for r in st[name]) + " |")
+    return "\n".join(lines)
+
+
+def analysis_table(an):
+    lines = ["| tokenizer | noise added ... | " + " | ".join(f"{s:g} dB" for s in an["snrs"]) + " |", "|---|---|" + "---|" * len(an["snrs"])]
+    lines += [f"| {r['tokenizer']} | {r['setting']} | " + " | ".join(f"{c:.3f}" for c in r["changed"]) + " |" for r in an["rows"]]
+    return "\n".join(lines)
+
+
+def plot_stability(st, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    snrs = [r["snr"] for r in st["VQ"]]
+    xs = range(len(snrs))
+    for name, color in (("VQ", "tab:red"), ("DiGIT", "tab:blue")):
+        axes[0].plot(xs, [r["changed"] for r in st[name]], "o-", color=color, label=f"{name} (ours)")
+        if snrs == SNRS:
+            axes[0].plot(xs, PAPER_CHANGE[name], "x--", color=color, alpha=0.5, label=f"{name} (paper, ImageNet)")
+        axes[1].plot(xs, [r["cosine"] for r in st[name]], "o-", color=color, label=name)
+    for ax, title in zip(axes, ("fraction of tokens changed", "cosine similarity of latents")):
+        ax.set_xticks(list(xs), [f"{s:g}" for s in snrs])
+        ax.set_xlabel("SNR (dB)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = prepare_out(args.out)
+    _, _, device = init_distributed(args.device, args.dist_timeout)
+    val_tok = load_tokens(out, "val")
+    check_tokens(val_tok, val_tok, out)
+    tokenizers = load_tokenizers(out, val_tok, device)
+    images = native_images(val_tok, min(args.images, len(val_tok["tokens"])))
+    n = len(images)
+
+    fair, clean = measure(tokenizers, images, args.snrs, seeded(args.seed), "native")
+    at_input, _ = measure(tokenizers, images, [s for s in args.snrs if s in ANALYSIS_SNRS], seeded(args.seed, 1), "input")
+    fg = foreground_mask(images, tuple(val_tok["grid"]), args.foreground)
+    result = dict(images=n, fair={name: summary(fair[name]) for name in fair}, at_input={name: summary(at_input[name]) for name in at_input},
+                  analysis=analysis(fair, at_input, fg),
+                  # the clean ids recomputed here (float tensor resize) vs the token files (PIL resize of uint8 images): a
+                  # perturbation far below any SNR above, and how many ids it already changes
+                  resize_agreement=dict(DiGIT=float((clean["DiGIT"][1].view(n, -1).cpu() == val_tok["tokens"][:n].long()).float().mean())))
+    if os.path.exists(token_path(out, "val", "vq")):
+        vq_tok = load_tokens(out, "val", "vq")
+        result["resize_agreement"]["VQ"] = float((clean["VQ"][1].view(n, -1).cpu() == vq_tok["tokens"][:n].long()).float().mean())
+    toy = toy_pca_lda(seed=args.seed)
+    result["toy"] = dict(noises=toy["noises"], accuracy=toy["accuracy"])
+
+    text = "\n".join([
+        f"Latent stability, fair protocol: noise once per image on its native pixels ({tuple(images[0].shape[1:])} for the first), "
+        f"the same noisy image to both tokenizers; {n} val images; DiGIT sees {tokenizers['DiGIT'].size} px, the VQ {tokenizers['VQ'].size} px.", "",
+        stability_table(result["fair"]), "", "What decides it (fraction of tokens changed; foreground = "
+        f"{100 * result['analysis']['foreground_share']:.0f}% of the tokens):", "", analysis_table(result["analysis"]), "",
+        "Clean images, only the resize differs (float tensor bicubic here vs PIL bicubic of uint8 in the token files): ids equal "
+        "for " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["resize_agreement"].items()) + ".", "",
+        f"Toy (PCA vs LDA): accuracy at noise std {toy['noises']}: PCA {[round(a, 3) for a in toy['accuracy']['PCA']]}, "
+        f"LDA {[round(a, 3) for a in toy['accuracy']['LDA']]}.", ""])
+    print(text)
+    with open(os.path.join(out, "stability.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "stability.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_stability(result["fair"], os.path.join(out, "stability.png"))
+    plot_toy(toy, os.path.join(out, "toy.png"))
+    print(f"-> {out}/stability.md, stability.json, stability.png, toy.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
