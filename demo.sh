@@ -29,18 +29,28 @@ resume() {  # --resume if an unfinished checkpoint exists
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refuse to overwrite a checkpoint without it
 
-stage tokenize "1/8 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
-stage gallery "1/8 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
-stage gpt "2/8 train the GPT" python train_gpt.py --out "$OUT" --max-steps 600 --eval-interval 150 --ckpt-interval 150 $(resume gpt.pt) $(force)
-stage vq "3/8 train the pixel VQ" python train_decoder.py --stage vq --out "$OUT" --max-steps 450 --lr 1e-3 \
-    --vq-channels 32 --perceptual 0 --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
-stage maskgit "4/8 train the MaskGIT decoder" python train_decoder.py --stage maskgit --out "$OUT" --max-steps 1000 --lr 1e-3 \
-    --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
-stage sample "5/8 sample every class" python sample.py --out "$OUT" --class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 \
-    --top-k 100 --cfg-scale 2 --show-tokens
-stage probe "6/8 linear probe of the GPT" python probe.py --out "$OUT"
-stage render "7/8 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
+GPT="--max-steps 600 --eval-interval 150 --ckpt-interval 150"  # the same GPT settings for both tokenizers (the paper's ablation)
+SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
+stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
+stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
+stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
+stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" python train_decoder.py \
+    --stage vq --out "$OUT" --max-steps 450 --lr 1e-3 --vq-channels 32 --perceptual 0 --eval-interval 450 --ckpt-interval 150 \
+    $(resume vq.pt) $(force)
+stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
+    $(resume gpt_vq.pt) $(force)
+stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit --out "$OUT" \
+    --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
+stage sample "6/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE --show-tokens
+stage sample_vq "7/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq --out "$OUT" $SAMPLE
+stage probe "8/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
+stage probe_vq "9/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
+stage render "10/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
     --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
-stage eval "8/8 evaluate: FD_DINOv2, classifier score, latent stability, report" python eval.py --out "$OUT" \
-    --samples "$OUT/samples" --rendered "$OUT/rendered_val" --fd-size 112 --stability --report
+stage render_vq "10/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py --tokenizer vq \
+    --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val_vq"
+stage stability "11/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py --out "$OUT" \
+    --images 100
+stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" --samples "$OUT/samples" \
+    --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
 echo "== all done: $OUT/report.md"

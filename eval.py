@@ -46,6 +46,8 @@ def get_args(argv=None):
     a("--samples", default=None, help="folder of generated images (PNG/JPEG), e.g. out/samples")
     a("--vq-samples", default=None, help="samples of the same GPT trained on the pixel VQ's tokens (sample.py --tokenizer vq), "
       "scored the same way and set beside the DiGIT samples in the report (the paper's VQ-vs-DiGIT ablation)")
+    a("--vq-rendered", default=None, help="val images rendered from their real VQ tokens (sample.py --tokenizer vq --from-tokens "
+      "OUT/vq_tokens_val.pt): the VQ path's floor, beside --rendered in the side-by-side table")
     a("--rendered", default=None, help="folder of val images rendered from their real DiGIT tokens (sample.py --from-tokens): scored the same way")
     a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="DINOv2 variant for FD and the classifier (default: %(default)s)")
     a("--fd-size", type=positive_int, default=224, help="image side fed to that encoder, multiple of 14 (default: %(default)s)")
@@ -272,8 +274,9 @@ def side_by_side(out, results, load):
     """The paper's ablation on the demo: the same GPT (preset, steps, batch, seed) on DiGIT tokens and on the pixel
     VQ's tokens of the same images, each sampled and scored the same way."""
     cols = []
-    for tok, gen, ck, probe in (("DiGIT", "generative", "gpt.pt", "probe.json"), ("VQ", "generative_vq", "gpt_vq.pt", "probe_vq.json")):
-        g, c = results.get(gen), load(ck)
+    for tok, gen, ren, ck, probe in (("DiGIT", "generative", "rendered", "gpt.pt", "probe.json"),
+                                     ("VQ", "generative_vq", "rendered_vq", "gpt_vq.pt", "probe_vq.json")):
+        g, r, c = results.get(gen), results.get(ren), load(ck)
         p = json.load(open(os.path.join(out, probe))) if os.path.exists(os.path.join(out, probe)) else None
         cols.append(dict(
             tokens=f"{tok}, {c['vocab_size']} ids" if c else "-",
@@ -281,10 +284,14 @@ def side_by_side(out, results, load):
             val=f"{c['best_val']:.3f}" if c else "-",
             probe=f"{100 * p['best_top1']:.1f}% (layer {p['best_layer']})" if p and "best_top1" in p else "-",
             fd=f"{g['fd_dinov2']:.1f}" if g else "-", score=f"{g['classifier_score']:.2f}" if g else "-",
-            agree=f"{100 * g['class_agreement']:.1f}%" if g else "-", pr=f"{g['precision']:.3f} / {g['recall']:.3f}" if g else "-"))
+            agree=f"{100 * g['class_agreement']:.1f}%" if g else "-", pr=f"{g['precision']:.3f} / {g['recall']:.3f}" if g else "-",
+            path="GPT -> MaskGIT -> VQ decoder" if tok == "DiGIT" else "GPT -> VQ decoder",
+            floor=f"{r['fd_dinov2']:.1f} / {100 * r['class_agreement']:.1f}%" if r else "-"))
     rows = [("tokens", "tokens"), ("GPT", "gpt"), ("val loss, nats/token (NOT comparable: different vocabularies)", "val"),
             ("linear probe, best GPT layer, val top-1", "probe"), ("FD_DINOv2 of the samples (lower is better)", "fd"),
-            ("classifier score (not IS)", "score"), ("class agreement of the samples", "agree"), ("precision / recall", "pr")]
+            ("classifier score (not IS)", "score"), ("class agreement of the samples", "agree"), ("precision / recall", "pr"),
+            ("pixels come from", "path"),
+            ("the renderer's floor: val images rendered from their REAL tokens, FD_DINOv2 / recognised", "floor")]
     n = results["generative_vq"]["n_samples"]
     return (["## Same GPT, two tokenizers (the paper's VQ-vs-DiGIT ablation)",
              f"The same GPT preset, steps, batch and seed, trained on DiGIT's tokens and on the pixel VQ's tokens of the same "
@@ -360,7 +367,8 @@ def main(argv=None):
     check_tokens(train_tok, val_tok, args.out)
     results = {}
     args.dtype = autocast_dtype(args.precision, device)
-    for key, folder in (("rendered", args.rendered), ("generative", args.samples), ("generative_vq", args.vq_samples)):
+    for key, folder in (("rendered", args.rendered), ("rendered_vq", args.vq_rendered), ("generative", args.samples),
+                        ("generative_vq", args.vq_samples)):
         if not folder:
             continue
         if not os.path.isdir(folder):
@@ -376,7 +384,7 @@ def main(argv=None):
     if rank != 0:
         return None
     if not results and not args.report:
-        fail("nothing to do: give --samples DIR, --vq-samples DIR, --rendered DIR and/or --sweep (see --help)")
+        fail("nothing to do: give --samples DIR, --vq-samples DIR, --rendered DIR, --vq-rendered DIR and/or --sweep (see --help)")
     path = os.path.join(args.out, "eval.json")
     earlier = json.load(open(path)) if os.path.exists(path) else {}
     if results:  # merged: a run that scores only the samples keeps the stability and rendered results of earlier runs

@@ -12,6 +12,7 @@ Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe
     python probe.py --no-dinov2          # skip the (slower) DINOv2 baseline
     python probe.py --tokenizer vq       # the same GPT trained on the pixel VQ's tokens (gpt_vq.pt) -> probe_vq.md/json
     torchrun --nproc_per_node 8 probe.py --out out_imagenet   # features sharded over ranks, gathered in order
+    python probe.py --compare out_k/64 out_k/256 out_k/1024   # one table + plot of finished probes (k_sweep.sh)
 """
 import json
 import os
@@ -34,6 +35,8 @@ def get_args(argv=None):
     a("--lr", type=positive_float, default=0.1, help="SGD learning rate, cosine-decayed (default: %(default)s)")
     a("--batch-size", type=positive_int, default=256, help="batch for features and classifiers (default: %(default)s)")
     a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline (it encodes every image once; eval.py reuses the features)")
+    a("--compare", nargs="+", metavar="DIR", default=None, help="only gather the probe.json of these finished runs into OUT/probe_compare.md "
+      "and .png: accuracy per layer, one line per run (the paper's probe figure; k_sweep.sh runs it over K)")
     add_tokenizer_arg(add_system_args(p, "reads gpt.pt and tokens from, writes probe.md/json to"))
     return p.parse_args(argv)
 
@@ -67,8 +70,45 @@ def probe_accuracy(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_
         return (classify(val_x).argmax(-1) == val_y).float().mean(1)
 
 
+def compare(dirs, out):
+    """The paper's probe figure from finished runs: val top-1 of every GPT layer, one row / line per run (labelled by K
+    and tokenizer). Writes OUT/probe_compare.md and OUT/probe_compare.png."""
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "probe.json")
+        if not os.path.exists(path):
+            fail(f"{path} not found: run probe.py --out {d} first")
+        r = json.load(open(path))
+        if "per_layer" not in r:
+            fail(f"{path} was written by an older probe.py (no per-layer list): run probe.py --out {d} again")
+        runs.append((f"K={r['k']} ({r.get('tokenizer', 'digit')})", r))
+    depth = max(len(r["per_layer"]) for _, r in runs)
+    lines = ["| run | " + " | ".join(f"layer {i + 1}" for i in range(depth)) + " | best |", "|---" * (depth + 2) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in r["per_layer"]) + " |" * (depth - len(r["per_layer"]) + 1) +
+              f" {100 * r['best_top1']:.1f} (layer {r['best_layer']}) |" for name, r in runs]
+    table = "\n".join(["Linear probe, val top-1 (%) per GPT layer:", ""] + lines)
+    print(table)
+    with open(os.path.join(out, "probe_compare.md"), "w") as f:
+        f.write(table + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, r in runs:
+        ax.plot(range(1, len(r["per_layer"]) + 1), [100 * a for a in r["per_layer"]], "o-", label=name)
+    ax.set_xlabel("GPT layer")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "probe_compare.png"), dpi=100)
+    print(f"-> {out}/probe_compare.md, {out}/probe_compare.png")
+    return runs
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.compare:
+        return compare(args.compare, prepare_out(args.out))
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
     path = gpt_path(args.out, args.tokenizer)

@@ -271,7 +271,9 @@ def plot_stability(st, path):
 def main(argv=None):
     args = get_args(argv)
     out = prepare_out(args.out)
-    _, _, device = init_distributed(args.device, args.dist_timeout)
+    rank, _, device = init_distributed(args.device, args.dist_timeout)
+    if rank != 0:  # a small experiment: one process does it (under torchrun the others just wait for it to end)
+        return None
     val_tok = load_tokens(out, "val")
     check_tokens(val_tok, val_tok, out)
     tokenizers = load_tokenizers(out, val_tok, device)

@@ -85,9 +85,9 @@ STAGES = [  # (name, script, flags): the README recipe's settings, steps and bat
     ("sample.py (2 classes x 1, CFG 4, top-k 300)", "sample.py",
      ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300", "--batch-size", "1"]),
     ("probe.py", "probe.py", ["--out", out, "--epochs", "2"]),
-    ("eval.py (FD_DINOv2 ViT-L/14 at 224, stability)", "eval.py",
-     ["--out", out, "--samples", os.path.join(out, "samples"), "--fd-encoder", "dinov2_vitl14", "--fd-size", "224",
-      "--stability", "--stability-images", "4"]),
+    ("eval.py (FD_DINOv2 ViT-L/14 at 224)", "eval.py",
+     ["--out", out, "--samples", os.path.join(out, "samples"), "--fd-encoder", "dinov2_vitl14", "--fd-size", "224"]),
+    ("stability.py (4 images, 8 SNRs)", "stability.py", ["--out", out, "--images", "4"]),
 ]
 rows = []
 for name, script, flags in STAGES:

@@ -26,8 +26,10 @@ def test_demo_skips_resumes_and_forces(tmp_path):
     (bin_dir / "python").chmod(0o755)
     first = run_demo(tmp_path)
     scripts = [c[0] for c in first]
-    assert scripts == ["tokenize_kmeans.py", "tokenize_kmeans.py", "train_gpt.py", "train_decoder.py", "train_decoder.py",
-                       "sample.py", "probe.py", "sample.py", "eval.py"]
+    assert scripts == ["tokenize_kmeans.py", "tokenize_kmeans.py", "train_gpt.py", "train_decoder.py", "train_gpt.py",
+                       "train_decoder.py", "sample.py", "sample.py", "probe.py", "probe.py", "sample.py", "sample.py", "stability.py", "eval.py"]
+    assert first[2][first[2].index("--max-steps"):] == first[4][first[4].index("--max-steps"):]  # the same GPT for both tokenizers
+    assert "--tokenizer" in first[4] and "--tokenizer" in first[7] and "--tokenizer" in first[9]
     assert not any("--resume" in c or "--force" in c or "--refit" in c for c in first)
     assert run_demo(tmp_path) == []  # every stage done: nothing runs
     os.remove(tmp_path / "out" / ".done-gpt")  # the GPT stage was interrupted after writing a checkpoint
@@ -36,4 +38,4 @@ def test_demo_skips_resumes_and_forces(tmp_path):
     assert len(again) == 1 and again[0][0] == "train_gpt.py" and "--resume" in again[0] and "--force" not in again[0]
     forced = run_demo(tmp_path, "--force")
     assert [c[0] for c in forced] == scripts
-    assert "--refit" in forced[0] and all("--force" in c and "--resume" not in c for c in forced[2:5])
+    assert "--refit" in forced[0] and all("--force" in c and "--resume" not in c for c in forced[2:6])

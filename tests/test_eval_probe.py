@@ -115,3 +115,36 @@ def test_cli_refuses_too_few_samples_and_missing_files(tmp_path):
     assert p.returncode != 0 and "codebook.pt not found" in p.stderr and "Traceback" not in p.stderr
     p = run_script("probe.py", "--out", out, check=False)
     assert p.returncode != 0 and "gpt.pt not found" in p.stderr
+
+
+def test_probe_compare_gathers_runs_into_one_table_and_plot(tmp_path):
+    import json
+    import probe
+    for k, accs in ((64, [0.5, 0.7]), (256, [0.6, 0.8, 0.75])):
+        d = tmp_path / str(k)
+        d.mkdir()
+        best = max(range(len(accs)), key=lambda i: accs[i])
+        json.dump(dict(k=k, tokenizer="digit", per_layer=accs, best_layer=best + 1, best_top1=accs[best]), open(d / "probe.json", "w"))
+    runs = probe.main(["--out", str(tmp_path), "--compare", str(tmp_path / "64"), str(tmp_path / "256")])
+    assert [name for name, _ in runs] == ["K=64 (digit)", "K=256 (digit)"]
+    table = (tmp_path / "probe_compare.md").read_text()
+    assert "| K=256 (digit) | 60.0 | 80.0 | 75.0 | 80.0 (layer 2) |" in table and "| K=64 (digit) | 50.0 | 70.0 | | 70.0 (layer 2) |" in table
+    assert (tmp_path / "probe_compare.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="probe.json not found"):
+        probe.main(["--out", str(tmp_path), "--compare", str(tmp_path / "missing")])
+
+
+def test_report_puts_the_two_tokenizers_side_by_side(tmp_path):
+    """eval.py --report: the same-GPT table takes each column from its own results and says the losses are not comparable."""
+    import json
+    import eval as evaluate
+    g = lambda fd, agree: dict(n_samples=100, n_real=500, fd_dinov2=fd, classifier_score=9.0, classifier_val_acc=0.95,
+                               class_agreement=agree, precision=0.6, recall=0.7, feature="f")
+    results = dict(generative=g(110.0, 0.98), generative_vq=g(96.3, 0.89), rendered=g(86.9, 0.90), rendered_vq=g(72.5, 0.928))
+    json.dump(dict(k=1024, tokenizer="vq", per_layer=[0.8, 0.9], best_layer=2, best_top1=0.9), open(tmp_path / "probe_vq.json", "w"))
+    evaluate.write_report(evaluate.get_args(["--out", str(tmp_path)]), results)
+    text = (tmp_path / "report.md").read_text()
+    assert "| FD_DINOv2 of the samples (lower is better) | 110.0 | 96.3 |" in text
+    assert "| class agreement of the samples | 98.0% | 89.0% |" in text
+    assert "| linear probe, best GPT layer, val top-1 | - | 90.0% (layer 2) |" in text  # no probe.json for DiGIT here
+    assert "REAL tokens, FD_DINOv2 / recognised | 86.9 / 90.0% | 72.5 / 92.8% |" in text and "NOT comparable" in text
