@@ -1,6 +1,7 @@
 """
 Generate images with DiGIT: GPT samples DiGIT tokens (KV cache, top-k/top-p, classifier-free
-guidance), the MaskGIT decoder turns them into VQ tokens, the VQ decoder paints pixels.
+guidance), then a renderer paints them: the MaskGIT decoder turns them into VQ tokens and the VQ
+decoder paints pixels, or the direct decoder paints pixels from the tokens in one pass (--decoder).
 
 Run (reads out/gpt.pt, out/decoder.pt, out/vq.pt; writes out/samples/: NNNNN_classK.png, grid.png,
 tokens.pt, samples.npz):
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from common import (add_system_args, check_same, fail, init_distributed, load_artifact, mass, nonneg_float, nonneg_int, parser,
                     positive_float, positive_int, prepare_out, save_atomic, seeded)
-from train_decoder import decode, load_decoder, load_vq, vq_decode
+from train_decoder import decode, direct_render, load_decoder, load_direct, load_vq, vq_decode
 from data import add_tokenizer_arg
 from train_gpt import KVCache, gpt_path, load_gpt
 
@@ -46,6 +47,8 @@ def get_args(argv=None):
     a("--top-k", type=nonneg_int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
     a("--top-p", type=mass, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
     a("--cfg-scale", type=nonneg_float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
+    a("--decoder", default="auto", choices=["auto", "direct", "maskgit"], help="renderer of DiGIT tokens: direct (direct.pt) or "
+      "maskgit (decoder.pt + vq.pt); auto = direct.pt if it exists, else maskgit (default: %(default)s)")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
     a("--decode-temperature", type=positive_float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
@@ -177,10 +180,34 @@ def sampling_plan(args, gpt, gpt_ck, device):
     return torch.tensor(rows, device=device).repeat_interleave(args.num_samples), None, f"{args.num_samples} per class, {note}"
 
 
+def load_renderer(args, gpt_ck, device):
+    """render(tokens, gen) -> images in [-1, 1] for the GPT's kind of tokens, the fingerprints of the checkpoints it uses,
+    and its name: VQ tokens -> the VQ decoder; DiGIT tokens -> the direct decoder, or MaskGIT + the VQ decoder."""
+    out = args.out
+    if gpt_ck.get("tokenizer", "digit") == "vq":  # VQ ids straight from the GPT: no MaskGIT stage
+        vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
+        check_fit_vq(gpt_ck, vq_ck, out)
+        return (lambda t, gen: vq_decode(vq, t, tuple(vq_ck["grid"]))), [vq_ck.get("fingerprint")], "the VQ decoder"
+    choice = args.decoder if args.decoder != "auto" else "direct" if os.path.exists(os.path.join(out, "direct.pt")) else "maskgit"
+    if choice == "direct":
+        direct, d_ck = load_direct(os.path.join(out, "direct.pt"), device)
+        for key, a, b in (("vocab_size", gpt_ck["vocab_size"], d_ck["digit_vocab"]), ("grid", tuple(gpt_ck["grid"]), tuple(d_ck["grid"]))):
+            if a != b:
+                fail(f"{out}/gpt.pt ({key} {a}) does not fit {out}/direct.pt ({key} {b}): they were trained on different tokens")
+        check_same("codebooks", f"{out}/gpt.pt", gpt_ck.get("tokens"), f"{out}/direct.pt", d_ck.get("tokens"))
+        return (lambda t, gen: direct_render(direct, t)), [d_ck.get("fingerprint")], "the direct decoder (direct.pt)"
+    dec, dec_ck = load_decoder(os.path.join(out, "decoder.pt"), device)
+    vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
+    check_fit(gpt_ck, dec_ck, vq_ck, out)
+
+    def render(tokens, gen):
+        return vq_decode(vq, decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen), tuple(vq_ck["grid"]))
+    return render, [dec_ck.get("fingerprint"), vq_ck.get("fingerprint")], f"MaskGIT ({args.decode_steps} steps, decoder.pt) + the VQ decoder (vq.pt)"
+
+
 def sample_batch(args, models, labels, tokens, n, gen):
-    """One batch: tokens from the GPT (unless given), then pixels [b, 3, H, W] in [-1, 1] (None with --tokens-only):
-    DiGIT tokens go through the MaskGIT decoder to VQ tokens; a GPT on VQ tokens (dec None) needs only the VQ decoder."""
-    gpt, dec, vq, vq_grid = models
+    """One batch: tokens from the GPT (unless given), then pixels [b, 3, H, W] in [-1, 1] (None with --tokens-only)."""
+    gpt, render = models
     if tokens is None:
         # an unconditional model sees its BOS row (= the null class); guidance needs a class to guide towards
         rows = torch.full((n,), gpt.null_class, device=gpt.tok_emb.weight.device) if labels is None else labels
@@ -189,8 +216,7 @@ def sample_batch(args, models, labels, tokens, n, gen):
                           use_cache=not args.no_cache, progress=True)
     if args.tokens_only:
         return tokens, None
-    vq_ids = tokens if dec is None else decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen)
-    return tokens, vq_decode(vq, vq_ids, vq_grid).float().cpu()
+    return tokens, render(tokens, gen).float().cpu()
 
 
 def png_name(folder, i, labels, n):
@@ -246,28 +272,21 @@ def main(argv=None):
     if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0 and rank == 0:
         print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained", file=sys.stderr)
     labels, given, note = sampling_plan(args, gpt, gpt_ck, device)  # checks --class and --from-tokens first
-    dec = vq = dec_ck = vq_ck = None
-    if not args.tokens_only:
-        vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-        if gpt_ck.get("tokenizer", "digit") == "vq":  # VQ ids straight from the GPT: no MaskGIT stage
-            check_fit_vq(gpt_ck, vq_ck, args.out)
-        else:
-            dec, dec_ck = load_decoder(os.path.join(args.out, "decoder.pt"), device)
-            check_fit(gpt_ck, dec_ck, vq_ck, args.out)
+    render, fingerprints, renderer = (None, [], "none (--tokens-only)") if args.tokens_only else load_renderer(args, gpt_ck, device)
     n = len(given) if given is not None else len(labels) if labels is not None else args.num_samples
     if rank == 0:
         print(f"sampling {note}; temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, cfg {args.cfg_scale}, "
-              f"{'no ' if args.no_cache else ''}KV cache; {world} process(es)")
+              f"{'no ' if args.no_cache else ''}KV cache; rendered by {renderer}; {world} process(es)")
     folder = args.samples_dir or os.path.join(args.out, "samples" if args.tokenizer == "digit" else f"samples_{args.tokenizer}")
     os.makedirs(os.path.join(prepare_out(folder), "parts"), exist_ok=True)
     # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so
     # the images do not depend on the number of ranks, and a batch whose part file exists is already done.
     settings = {k: v for k, v in vars(args).items() if k not in ("device", "show_tokens", "no_npz", "samples_dir")}
     settings.update(out=os.path.abspath(args.out), from_tokens=args.from_tokens and os.path.abspath(args.from_tokens),
-                    models=[ck.get("fingerprint") for ck in (gpt_ck, dec_ck, vq_ck) if ck is not None])  # retrained = other samples
+                    models=[gpt_ck.get("fingerprint")] + fingerprints)  # retrained = other samples
     starts = list(range(0, n, args.batch_size))
     parts = [os.path.join(folder, "parts", f"{s:08d}.pt") for s in starts]
-    models = (gpt, dec, vq, None if vq_ck is None else tuple(vq_ck["grid"]))
+    models = (gpt, render)
     done = 0
     for s, part in tqdm(list(zip(starts, parts))[rank::world], desc="batches", unit="batch", disable=rank != 0):
         if os.path.exists(part):

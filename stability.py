@@ -22,10 +22,16 @@ The paper's theory in one picture (--toy, always written): two overlapping class
 by PCA (keeps variance, like a reconstructive tokenizer) and by LDA (keeps what separates the classes, like
 a discriminative one), and how accurate each projection stays as noise grows.
 
+The paper's own setting in miniature (photos_stability.sh): natural photographs that ship offline (the sample
+images inside the scikit-image wheel, read with zipfile, nothing installed), cut into 128 px crops; a K-means
+and a small VQ fitted on crops of some photos, the stability table measured on crops of the others, with the
+noise at native resolution: there DINOv2 is in its own domain and both tokenizers work near the native size.
+
 Run (reads out/codebook.pt, out/vq.pt, out/tokens_val.pt; writes out/stability.md, out/stability.json,
 out/stability.png, out/toy.png):
     python stability.py
     python stability.py --images 500 --snrs 30,20,10,1
+    python stability.py --write-photos out_photos/crops   # only write the photo crops as an ImageFolder
 """
 import json
 import os
@@ -37,7 +43,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from common import add_system_args, check_same, fail, init_distributed, load_artifact, parser, positive_int, prepare_out, seeded
-from data import IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, token_path
+from data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, token_path, wheel_member
 from dinov2 import load_encoder
 from tokenize_kmeans import nearest_centroid
 from train_decoder import load_vq, vq_encode
@@ -53,6 +59,7 @@ def get_args(argv=None):
     a = p.add_argument_group("experiment").add_argument
     a("--images", type=positive_int, default=200, help="val images (default: %(default)s)")
     a("--snrs", default=",".join(map(str, SNRS)), help="comma-separated SNRs in dB (default: the paper's %(default)s)")
+    a("--write-photos", default=None, metavar="DIR", help="only write crops of the scikit-image wheel's photos to DIR/{train,val}/photo/ and stop")
     a("--foreground", type=float, default=0.1, help="a token is 'foreground' if its cell's mean clean pixel value exceeds this (default: %(default)s)")
     add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to", precision=False)
     args = p.parse_args(argv)
@@ -132,6 +139,33 @@ def native_images(val_tok, n):
     """The first n val images as float [3, H, W] in [0, 1] at their own resolution (MNIST: 28x28)."""
     ds = dataset_for_tokens(val_tok, transform=transforms.ToTensor())
     return [ds[i][0] for i in tqdm(range(n), desc="load val images", leave=False)]
+
+
+# ----------------------------------------------------------------------------- natural photos, offline
+
+# photographs and natural textures inside the scikit-image wheel: K-means and VQ are fitted on crops of the first
+# group, stability is measured on crops of the second (other scenes, other textures)
+PHOTOS = {"train": ["astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "grass.png", "brick.png",
+                    "retina.jpg", "camera.png"],
+          "val": ["chelsea.png", "rocket.jpg", "motorcycle_right.png", "gravel.png", "coins.png", "ihc.png"]}
+
+
+def write_photo_crops(root, n=dict(train=800, val=200), size=128, seed=0, cache=DEFAULT_CACHE):
+    """Random size x size crops at native resolution of the wheel's photos, as an ImageFolder with one class."""
+    from PIL import Image
+    import io
+    gen = seeded(seed)
+    for split, names in PHOTOS.items():
+        photos = [Image.open(io.BytesIO(wheel_member("scikit-image", "0.25.2", f"skimage/data/{name}", cache))).convert("RGB")
+                  for name in names]
+        folder = os.path.join(root, split, "photo")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(n[split]):
+            photo = photos[i % len(photos)]
+            top, left = (int(torch.randint(s - size + 1, (1,), generator=gen)) for s in (photo.height, photo.width))
+            photo.crop((left, top, left + size, top + size)).save(os.path.join(folder, f"{i:05d}.png"))
+    print(f"{n['train']} train crops of {len(PHOTOS['train'])} photos, {n['val']} val crops of {len(PHOTOS['val'])} others "
+          f"({size} px) -> {root}/{{train,val}}/photo/")
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -270,6 +304,8 @@ def plot_stability(st, path):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.write_photos:
+        return write_photo_crops(args.write_photos, seed=args.seed)
     out = prepare_out(args.out)
     rank, _, device = init_distributed(args.device, args.dist_timeout)
     if rank != 0:  # a small experiment: one process does it (under torchrun the others just wait for it to end)

@@ -9,10 +9,15 @@ DiGIT tokens say *what* is in each patch, not its exact pixels, so a second mode
   --stage maskgit  a bidirectional transformer that predicts an image's VQ tokens from its DiGIT
                    tokens, MaskGIT-style (Chang et al. 2022); the VQ decoder renders them. Writes
                    decoder.pt and decoder_val.png (rows: original | VQ reconstruction | from DiGIT).
+  --stage direct   pixels straight from DiGIT tokens, no VQ and no MaskGIT (the paper's future work,
+                   RAE-style): each id -> its frozen K-means centroid (+ a learned residual), Gaussian
+                   noise on those embeddings while training, a bidirectional transformer over the grid,
+                   and a head that paints each token's patch. Writes direct.pt and direct_val.png.
 
 Run (after tokenize_kmeans.py; reads out/tokens_*.pt and the images they came from):
     python train_decoder.py --stage vq
     python train_decoder.py --stage maskgit
+    python train_decoder.py --stage direct      # needs no vq.pt
     torchrun --nproc_per_node 8 train_decoder.py --stage vq --batch-size 256   # paper scale
 """
 import math
@@ -29,7 +34,7 @@ from tqdm import tqdm
 
 from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
                     finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
-                    load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
+                    fraction, load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
                     stop_if_not_finite)
 from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit, token_path
 from dinov2 import load_encoder
@@ -38,7 +43,7 @@ from train_gpt import MODELS, Block
 
 def get_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--stage", required=True, choices=["vq", "maskgit"], help="which model to train")
+    p.add_argument("--stage", required=True, choices=["vq", "maskgit", "direct"], help="which model to train")
     a = p.add_argument_group("pixel VQ (--stage vq)").add_argument
     a("--pixel-size", type=positive_int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
     a("--vq-channels", type=positive_int, default=64, help="VQ base channel count (default: %(default)s)")
@@ -48,12 +53,16 @@ def get_args(argv=None):
     a("--perceptual", type=nonneg_float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
     a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
     a("--restart-interval", type=positive_int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
-    a = p.add_argument_group("MaskGIT decoder (--stage maskgit)").add_argument
-    a("--model", default="tiny", choices=list(MODELS), help="MaskGIT transformer size (default: %(default)s)")
-    a("--n-layer", type=positive_int, help="override the MaskGIT preset's layer count")
-    a("--n-embd", type=positive_int, help="override the MaskGIT preset's width")
-    a("--n-head", type=positive_int, help="override the MaskGIT preset's head count")
+    a = p.add_argument_group("MaskGIT decoder (--stage maskgit) and direct decoder (--stage direct)").add_argument
+    a("--model", default="tiny", choices=list(MODELS), help="transformer size (default: %(default)s)")
+    a("--n-layer", type=positive_int, help="override the preset's layer count")
+    a("--n-embd", type=positive_int, help="override the preset's width")
+    a("--n-head", type=positive_int, help="override the preset's head count")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
+    a("--feature-noise", type=nonneg_float, default=0.8, help="direct: Gaussian noise on the input embeddings while training, "
+      "std ~ U(0, this) x the centroids' std (RAE's augmentation: it copes with imperfect tokens) (default: %(default)s)")
+    a("--token-corruption", type=fraction, default=0.0, help="direct: fraction of input ids replaced by random ids while training (default: %(default)s)")
+    a("--pixel-loss", default="l1", choices=["l1", "mse"], help="direct: pixel loss (+ --perceptual) (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=positive_int, default=32, help="global batch (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
@@ -71,7 +80,7 @@ def get_args(argv=None):
     system.add_argument("--workers", type=nonneg_int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
     system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
     args = p.parse_args(argv)
-    args.lr = args.lr or (2e-4 if args.stage == "vq" else 5e-4)
+    args.lr = args.lr or {"vq": 2e-4, "maskgit": 5e-4, "direct": 5e-4}[args.stage]
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args
 
@@ -251,7 +260,48 @@ def decode(model, digit, steps=8, temperature=1.0, noise=4.5, vq=None, gen=None)
     return vq
 
 
-# ----------------------------------------------------------------------------- training (shared by both stages)
+# ----------------------------------------------------------------------------- part 3: the direct decoder
+
+class DirectDecoder(nn.Module):
+    """DiGIT token ids [B, h*w] -> pixels [B, 3, h*p, w*p] in one forward pass.
+
+    The ids become their K-means centroids (a frozen buffer copied from codebook.pt: the tokens keep the
+    meaning the tokenizer gave them) plus a learned residual embedding (zero at start); a linear map to the
+    transformer width, learned positions, bidirectional Blocks (train_gpt.Block, causal=False: every token
+    sees the whole grid), and a linear head that paints each token's p x p x 3 patch (as RAE's ViT decoder)."""
+
+    def __init__(self, vocab, dim, grid, patch, n_layer, n_embd, n_head):
+        super().__init__()
+        self.grid, self.patch = tuple(grid), patch
+        self.register_buffer("centroids", torch.zeros(vocab, dim))
+        self.residual = nn.Embedding(vocab, dim)
+        nn.init.zeros_(self.residual.weight)
+        self.proj = nn.Linear(dim, n_embd)
+        self.pos = nn.Parameter(torch.randn(1, grid[0] * grid[1], n_embd) * 0.02)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, 0.0, "pre", causal=False) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, patch * patch * 3)
+
+    def embed(self, ids):
+        return self.centroids[ids] + self.residual(ids)
+
+    def forward(self, ids=None, emb=None):
+        """Pixels in [-1, 1] (unclamped while training) from ids, or from given embeddings emb [B, h*w, D]
+        (the ids' embeddings plus training noise, or continuous DINOv2 features for the upper bound)."""
+        x = self.proj(self.embed(ids) if emb is None else emb) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        (h, w), p = self.grid, self.patch
+        x = self.head(self.ln_f(x)).view(len(x), h, w, 3, p, p)
+        return x.permute(0, 3, 1, 4, 2, 5).reshape(len(x), 3, h * p, w * p)
+
+
+def direct_render(model, ids):
+    """What sample.py calls: DiGIT ids [B, h*w] -> images in [-1, 1]."""
+    return model(ids).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- training (shared by the stages)
 
 def default_pixel_size(grid):
     return 256 if grid[0] >= 16 else 4 * grid[0]  # the demo: 8x8 tokens, 32 px (MNIST digits are 28 px)
@@ -270,6 +320,10 @@ def load_vq(path, device):
 
 def load_decoder(path, device):
     return load_model(path, MaskGIT, "run train_decoder.py --stage maskgit first", device)
+
+
+def load_direct(path, device):
+    return load_model(path, DirectDecoder, "run train_decoder.py --stage direct first", device)
 
 
 def eval_subset(val, n):
@@ -320,6 +374,27 @@ def evaluate_maskgit(model, vq, val, grid, args, device, dtype, png=None):
     return dict(vq_token_acc=float(torch.cat(acc).mean()), psnr=float(torch.cat(psnrs).mean()))
 
 
+def evaluate_direct(model, val, args, device, dtype, png=None):
+    """PSNR of the pictures the direct decoder paints from the real DiGIT tokens of val images (noise off: eval mode)."""
+    model.eval()
+    psnrs, rows, seen = [], [], 0
+    subset = eval_subset(val, args.eval_images)
+    show = set(torch.linspace(0, len(subset) - 1, 8).long().tolist())
+    with torch.no_grad(), autocast(device, dtype):
+        for x, digit, _ in DataLoader(subset, batch_size=64):
+            x = to_unit(x.to(device))
+            rendered = direct_render(model, digit.to(device)).float()
+            psnrs.append(psnr(rendered, x))
+            pick = [i for i in range(len(x)) if seen + i in show]
+            rows.append(torch.stack([x[pick], rendered[pick]]))
+            seen += len(x)
+    model.train()
+    if png:
+        rows = torch.cat(rows, dim=1)  # [2, 8, C, H, W]: original | painted from its DiGIT tokens
+        save_image(make_grid(rows.flatten(0, 1), nrow=rows.shape[1], normalize=True, value_range=(-1, 1)), png)
+    return dict(psnr=float(torch.cat(psnrs).mean()))
+
+
 def build_vq(args, grid, encoder, device):
     """Stage vq: a fresh VQ whose latent grid is the DiGIT grid, and the optional DINOv2 perceptual loss."""
     pixel_size = args.pixel_size or default_pixel_size(grid)
@@ -336,6 +411,40 @@ def build_maskgit(args, grid, digit_vocab, device):
     size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
     model_args = dict(digit_vocab=digit_vocab, vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
     return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq, vq_fingerprint=vq_ck.get("fingerprint"))
+
+
+def build_direct(args, grid, train_tok, device):
+    """Stage direct: the codebook's centroids as frozen input embeddings, a fresh transformer, the optional perceptual loss."""
+    cb = load_artifact(os.path.join(args.out, "codebook.pt"), f"run tokenize_kmeans.py --out {args.out} first")
+    check_same("codebooks", f"{args.out}/codebook.pt", cb.get("fingerprint"), f"{args.out}/tokens_train.pt", train_tok.get("codebook"))
+    if len(cb["centroids"]) != train_tok["vocab_size"]:
+        fail(f"{args.out}/codebook.pt has {len(cb['centroids'])} centroids but the tokens use {train_tok['vocab_size']} ids")
+    pixel_size = args.pixel_size or default_pixel_size(grid)
+    vq_levels(pixel_size, grid)  # the same rule as the VQ: a power-of-two multiple of the grid
+    size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
+    model_args = dict(vocab=len(cb["centroids"]), dim=cb["centroids"].shape[1], grid=grid, patch=pixel_size // grid[0], **size)
+    model = DirectDecoder(**model_args)
+    model.centroids.copy_(cb["centroids"])
+    perceptual = DinoFeatures(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
+    return model.to(device), model_args, pixel_size, dict(perceptual=perceptual, scale=float(cb["centroids"].std()))
+
+
+def direct_loss(model, raw, x, digit, gen, args, parts, rank, world):
+    """Pixel loss (+ perceptual) of the picture painted from the DiGIT tokens, with the training augmentations drawn
+    for the whole global batch (this rank uses its slice): Gaussian noise of std ~ U(0, --feature-noise) x the
+    centroids' std on the embeddings, and --token-corruption of the ids replaced by random ids."""
+    B, L = args.batch_size, digit.shape[1]
+    sigma = torch.rand(B, 1, 1, generator=gen) * args.feature_noise * parts["scale"]
+    noise = torch.randn(B, L, raw.centroids.shape[1], generator=gen) * sigma
+    corrupt = torch.rand(B, L, generator=gen) < args.token_corruption
+    random_ids = torch.randint(raw.centroids.shape[0], (B, L), generator=gen)
+    mine = slice(rank * len(x), (rank + 1) * len(x))
+    ids = torch.where(corrupt[mine].to(x.device), random_ids[mine].to(x.device), digit)
+    rec = model(emb=raw.embed(ids) + noise[mine].to(x.device)).float()
+    loss = F.l1_loss(rec, x) if args.pixel_loss == "l1" else F.mse_loss(rec, x)
+    if parts["perceptual"] is not None:
+        loss = loss + args.perceptual * parts["perceptual"](rec, x)
+    return loss
 
 
 def vq_loss(model, x, args, perceptual, usage):
@@ -376,9 +485,13 @@ def main(argv=None):
         model, model_args, pixel_size, parts = build_vq(args, grid, train_tok["encoder"], device)
         ckpt_path = os.path.join(args.out, "vq.pt")
         refuse_overwrite(ckpt_path, args)
-    else:
+    elif args.stage == "maskgit":
         model, model_args, pixel_size, parts = build_maskgit(args, grid, train_tok["vocab_size"], device)
         ckpt_path = os.path.join(args.out, "decoder.pt")
+        refuse_overwrite(ckpt_path, args)
+    else:
+        model, model_args, pixel_size, parts = build_direct(args, grid, train_tok, device)
+        ckpt_path = os.path.join(args.out, "direct.pt")
         refuse_overwrite(ckpt_path, args)
 
     # -- the images behind the token files, at the VQ's pixel size (decoded once into memory when small)
@@ -386,8 +499,8 @@ def main(argv=None):
     val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
 
     # -- optimizer, fresh or restored (--resume); DDP averages the ranks' gradients
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95 if args.stage == "maskgit" else 0.99),
-                                  weight_decay=0.05 if args.stage == "maskgit" else 0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99 if args.stage == "vq" else 0.95),
+                                  weight_decay=0.0 if args.stage == "vq" else 0.05)
     step, history = 0, []
     usage = torch.zeros(args.vq_codes, device=device)  # VQ code use since the last restart of dead codes
     if args.resume:
@@ -429,8 +542,10 @@ def main(argv=None):
         with autocast(device, dtype):
             if args.stage == "vq":
                 loss, z = vq_loss(model, x, args, parts["perceptual"], usage)
-            else:
+            elif args.stage == "maskgit":
                 loss = maskgit_loss(model, raw.mask_id, parts["vq"], x, digit, gen, args.batch_size, rank, world)
+            else:
+                loss = direct_loss(model, raw, x, digit, gen, args, parts, rank, world)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         history.append(float(all_reduce(loss.detach().clone())) / world)
@@ -450,11 +565,15 @@ def main(argv=None):
                 metrics = evaluate_vq(raw, val, args, device, dtype)
                 bar.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codes used {metrics['codes_used']}/{args.vq_codes}, "
                           f"perplexity {metrics['perplexity']:.0f}")
-            else:
+            elif args.stage == "maskgit":
                 png = os.path.join(args.out, "decoder_val.png")
                 metrics = evaluate_maskgit(raw, parts["vq"], val, grid, args=args, device=device, dtype=dtype, png=png)
                 bar.write(f"step {step}: val VQ-token accuracy {metrics['vq_token_acc']:.3f}, PSNR from DiGIT tokens "
                           f"{metrics['psnr']:.2f} dB -> {png}")
+            else:
+                png = os.path.join(args.out, "direct_val.png")
+                metrics = evaluate_direct(raw, val, args, device, dtype, png=png)
+                bar.write(f"step {step}: val PSNR painted from DiGIT tokens {metrics['psnr']:.2f} dB -> {png}")
         if step % args.ckpt_interval == 0 or step == args.max_steps:
             counts = all_reduce(usage.clone())  # every rank's code use since the last restart (a collective: all ranks)
             if rank == 0:

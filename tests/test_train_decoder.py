@@ -132,6 +132,7 @@ def decoder_out(tmp_path_factory):
     run_script("train_decoder.py", "--stage", "vq", "--max-steps", "3", "--vq-channels", "16", "--vq-codes", "32",
                "--perceptual", "0.1", *common)
     run_script("train_decoder.py", "--stage", "maskgit", "--max-steps", "3", "--n-layer", "1", *common)
+    train_decoder.main(["--stage", "direct", "--max-steps", "3", "--n-layer", "1", "--perceptual", "0", *common])
     return out
 
 
@@ -288,7 +289,7 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
             torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["vq", "maskgit"])
+@pytest.mark.parametrize("stage", ["vq", "maskgit", "direct"])
 def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes every
     2 steps, so the code-use counts since the last restart must survive the checkpoint)."""
@@ -296,18 +297,18 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     for name in ("straight", "parts"):
         out = tmp_path / name
         out.mkdir()
-        for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt"):
+        for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "codebook.pt"):
             os.link(os.path.join(decoder_out, f), out / f)
         args = ["--stage", stage, "--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4",
                 "--schedule", "constant", "--warmup-steps", "0", "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0",
-                "--restart-interval", "2", "--n-layer", "1", "--eval-interval", "100"]
+                "--restart-interval", "2", "--n-layer", "1", "--eval-interval", "100", "--token-corruption", "0.25"]  # + direct's noise
         if name == "straight":
             train_decoder.main([*args, "--max-steps", "6", "--force"])
         else:
             train_decoder.main([*args, "--max-steps", "3", "--force"])
             torch.manual_seed(123)  # whatever ran in between: the checkpoint's random state takes over
             train_decoder.main([*args, "--max-steps", "6", "--resume"])
-        runs[name] = torch.load(out / ("vq.pt" if stage == "vq" else "decoder.pt"), weights_only=True)
+        runs[name] = torch.load(out / {"vq": "vq.pt", "maskgit": "decoder.pt", "direct": "direct.pt"}[stage], weights_only=True)
     a, b = runs["straight"], runs["parts"]
     assert b["step"] == a["step"] == 6
     assert b["history"] == pytest.approx(a["history"], rel=1e-6)
@@ -379,3 +380,87 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
     torch.save(other, out / "vq.pt")
     with pytest.raises(SystemExit, match="different VQs"):
         sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "s")])
+
+
+def test_tiny_direct_decoder_overfits_a_few_images():
+    """Four token grids -> four smooth pictures: the decoder learns to paint them (RAE-style head over a ViT)."""
+    from train_decoder import DirectDecoder, direct_render
+    torch.manual_seed(0)
+    model = DirectDecoder(vocab=16, dim=8, grid=(4, 4), patch=4, n_layer=2, n_embd=32, n_head=4)
+    model.centroids.copy_(torch.randn(16, 8))
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(16, 16), mode="bilinear", align_corners=False)
+    ids = torch.randint(16, (4, 16), generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = F.l1_loss(model(ids), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert psnr(x.mean(0, keepdim=True).expand_as(x), x).mean() < 20
+    assert psnr(direct_render(model.eval(), ids).detach(), x).mean() > 25
+    assert torch.equal(model.centroids, model.centroids.clone()) and not model.centroids.requires_grad  # frozen: a buffer
+
+
+def test_direct_noise_and_corruption_only_in_training():
+    """direct_loss draws noise (std ~ U(0, --feature-noise) x centroid std) and corrupts ids; with both at 0 it is the plain
+    pixel loss of model(ids), which is what evaluation and sample.py use (no noise there, and deterministic)."""
+    from types import SimpleNamespace
+    from train_decoder import DirectDecoder, direct_loss
+    torch.manual_seed(0)
+    model = DirectDecoder(vocab=16, dim=8, grid=(2, 2), patch=4, n_layer=1, n_embd=16, n_head=2)
+    model.centroids.copy_(torch.randn(16, 8))
+    x, ids = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randint(16, (4, 4))
+    parts = dict(perceptual=None, scale=float(model.centroids.std()))
+    args = lambda noise, corrupt: SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
+    plain = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1)
+    torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
+    for noise, corrupt in ((0.8, 0.0), (0.0, 0.5)):
+        assert abs(float(direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1).detach() - plain)) > 1e-4
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+
+
+def test_sample_renders_through_the_direct_decoder(decoder_out, tmp_path, capsys):
+    """--decoder direct paints the sampled tokens with direct.pt; auto picks it when it exists and says so; a missing
+    direct.pt or one from another codebook is a one-line error."""
+    import sample
+    import train_gpt
+    from train_decoder import direct_render, load_direct
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "decoder.pt", "codebook.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    train_gpt.main(["--out", str(out), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--eval-interval", "2",
+                    "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="direct.pt not found: run train_decoder.py --stage direct first"):
+        sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "a")])
+    sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "m")])
+    assert "rendered by MaskGIT" in capsys.readouterr().out  # auto without direct.pt
+    os.link(os.path.join(decoder_out, "direct.pt"), out / "direct.pt")
+    tokens, pngs = sample.main(["--out", str(out), "--class", "0,1", "--num-samples", "2", "--samples-dir", str(tmp_path / "d")])
+    assert "rendered by the direct decoder" in capsys.readouterr().out
+    direct, _ = load_direct(str(out / "direct.pt"), torch.device("cpu"))
+    with torch.no_grad():
+        painted = direct_render(direct, tokens.long()) / 2 + 0.5
+    assert pngs.shape == painted.shape and (painted - pngs).abs().max() < 1.5 / 255
+    other = torch.load(out / "direct.pt", weights_only=True)
+    other["tokens"] = "another-codebook"
+    (out / "direct.pt").unlink()
+    torch.save(other, out / "direct.pt")
+    with pytest.raises(SystemExit, match="different codebooks"):
+        sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "e")])
+
+
+def test_direct_stage_refuses_a_codebook_that_did_not_make_the_tokens(decoder_out, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    with pytest.raises(SystemExit, match="codebook.pt not found"):
+        train_decoder.main(["--stage", "direct", "--out", str(out), "--max-steps", "1", "--workers", "0"])
+    cb = torch.load(os.path.join(decoder_out, "codebook.pt"), weights_only=True)
+    cb["fingerprint"] = "another-fit"
+    torch.save(cb, out / "codebook.pt")
+    with pytest.raises(SystemExit, match="different codebooks"):
+        train_decoder.main(["--stage", "direct", "--out", str(out), "--max-steps", "1", "--workers", "0"])
