@@ -240,4 +240,5 @@ class ImagesWithTokens(Dataset):
     def __getitem__(self, i):
         img = self.cached[i] if self.cached is not None else self.images[i][0]
         label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
-        return img, self.tok["tokens"][i].long(), label
+        t = self.tok["tokens"][i]
+        return img, (t if t.is_floating_point() else t.long()), label  # ids, or features for the direct decoder's upper bound

@@ -47,8 +47,9 @@ def get_args(argv=None):
     a("--top-k", type=nonneg_int, default=0, help="sample among the k most likely tokens (0: all; paper 200-400) (default: %(default)s)")
     a("--top-p", type=mass, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
     a("--cfg-scale", type=nonneg_float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
-    a("--decoder", default="auto", choices=["auto", "direct", "maskgit"], help="renderer of DiGIT tokens: direct (direct.pt) or "
-      "maskgit (decoder.pt + vq.pt); auto = direct.pt if it exists, else maskgit (default: %(default)s)")
+    a("--decoder", default="auto", choices=["auto", "direct", "maskgit"], help="renderer of DiGIT tokens: maskgit (decoder.pt + "
+      "vq.pt) or direct (direct.pt); auto = maskgit if decoder.pt exists (on the demo its samples are recognised more often), "
+      "else direct (default: %(default)s)")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
     a("--decode-temperature", type=positive_float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
@@ -188,7 +189,7 @@ def load_renderer(args, gpt_ck, device):
         vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
         check_fit_vq(gpt_ck, vq_ck, out)
         return (lambda t, gen: vq_decode(vq, t, tuple(vq_ck["grid"]))), [vq_ck.get("fingerprint")], "the VQ decoder"
-    choice = args.decoder if args.decoder != "auto" else "direct" if os.path.exists(os.path.join(out, "direct.pt")) else "maskgit"
+    choice = args.decoder if args.decoder != "auto" else "maskgit" if os.path.exists(os.path.join(out, "decoder.pt")) else "direct"
     if choice == "direct":
         direct, d_ck = load_direct(os.path.join(out, "direct.pt"), device)
         for key, a, b in (("vocab_size", gpt_ck["vocab_size"], d_ck["digit_vocab"]), ("grid", tuple(gpt_ck["grid"]), tuple(d_ck["grid"]))):

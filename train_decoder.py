@@ -36,7 +36,7 @@ from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch
                     finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
                     fraction, load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
                     stop_if_not_finite)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, load_tokens, to_unit, token_path
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_tokens, to_unit, token_path
 from dinov2 import load_encoder
 from train_gpt import MODELS, Block
 
@@ -63,6 +63,9 @@ def get_args(argv=None):
       "std ~ U(0, this) x the centroids' std (RAE's augmentation: it copes with imperfect tokens) (default: %(default)s)")
     a("--token-corruption", type=fraction, default=0.0, help="direct: fraction of input ids replaced by random ids while training (default: %(default)s)")
     a("--pixel-loss", default="l1", choices=["l1", "mse"], help="direct: pixel loss (+ --perceptual) (default: %(default)s)")
+    a("--direct-input", default="tokens", choices=["tokens", "features"], help="direct: DiGIT tokens, or the continuous DINOv2 "
+      "features they were quantised from (the upper bound: what K-means costs in pixels; encodes every image once, held in "
+      "memory: demo scale only); features write direct_features.pt (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=positive_int, default=32, help="global batch (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
@@ -297,8 +300,20 @@ class DirectDecoder(nn.Module):
 
 
 def direct_render(model, ids):
-    """What sample.py calls: DiGIT ids [B, h*w] -> images in [-1, 1]."""
-    return model(ids).clamp(-1, 1)
+    """What sample.py calls: DiGIT ids [B, h*w] -> images in [-1, 1] (or continuous features [B, h*w, D]: the upper bound)."""
+    return (model(emb=ids) if ids.is_floating_point() else model(ids)).clamp(-1, 1)
+
+
+@torch.no_grad()
+def patch_features(tok, device, dtype, batch_size=64):
+    """[N, h*w, D] DINOv2 patch features of the images behind a token file: what tokenize_kmeans.py quantised
+    (same encoder, block, image size, final norm), for the direct decoder's continuous upper bound."""
+    model = load_encoder(tok["encoder"]).to(device)
+    feats = []
+    for x, _ in tqdm(DataLoader(dataset_for_tokens(tok), batch_size=batch_size), desc="DINOv2 patch features", leave=False):
+        with autocast(device, dtype):
+            feats.append(model.get_intermediate_layers(x.to(device), [tok["layer"]])[0].float().cpu())
+    return torch.cat(feats)
 
 
 # ----------------------------------------------------------------------------- training (shared by the stages)
@@ -439,8 +454,11 @@ def direct_loss(model, raw, x, digit, gen, args, parts, rank, world):
     corrupt = torch.rand(B, L, generator=gen) < args.token_corruption
     random_ids = torch.randint(raw.centroids.shape[0], (B, L), generator=gen)
     mine = slice(rank * len(x), (rank + 1) * len(x))
-    ids = torch.where(corrupt[mine].to(x.device), random_ids[mine].to(x.device), digit)
-    rec = model(emb=raw.embed(ids) + noise[mine].to(x.device)).float()
+    if digit.is_floating_point():  # continuous features (--direct-input features): noise, no id corruption
+        emb = digit
+    else:
+        emb = raw.embed(torch.where(corrupt[mine].to(x.device), random_ids[mine].to(x.device), digit))
+    rec = model(emb=emb + noise[mine].to(x.device)).float()
     loss = F.l1_loss(rec, x) if args.pixel_loss == "l1" else F.mse_loss(rec, x)
     if parts["perceptual"] is not None:
         loss = loss + args.perceptual * parts["perceptual"](rec, x)
@@ -491,12 +509,15 @@ def main(argv=None):
         refuse_overwrite(ckpt_path, args)
     else:
         model, model_args, pixel_size, parts = build_direct(args, grid, train_tok, device)
-        ckpt_path = os.path.join(args.out, "direct.pt")
+        ckpt_path = os.path.join(args.out, "direct.pt" if args.direct_input == "tokens" else "direct_features.pt")
         refuse_overwrite(ckpt_path, args)
 
     # -- the images behind the token files, at the VQ's pixel size (decoded once into memory when small)
     train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
     val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
+    if args.stage == "direct" and args.direct_input == "features":  # the upper bound: items carry features, not ids
+        for ds, tok in ((train, train_tok), (val, val_tok)):
+            ds.tok = dict(tok, tokens=patch_features(tok, device, dtype))
 
     # -- optimizer, fresh or restored (--resume); DDP averages the ranks' gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99 if args.stage == "vq" else 0.95),

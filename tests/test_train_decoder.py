@@ -413,40 +413,40 @@ def test_direct_noise_and_corruption_only_in_training():
     x, ids = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randint(16, (4, 4))
     parts = dict(perceptual=None, scale=float(model.centroids.std()))
     args = lambda noise, corrupt: SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
-    plain = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1)
-    torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
-    for noise, corrupt in ((0.8, 0.0), (0.0, 0.5)):
-        assert abs(float(direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1).detach() - plain)) > 1e-4
     with torch.no_grad():
+        plain = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1)
+        torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
+        for noise, corrupt in ((0.8, 0.0), (0.0, 0.5)):
+            assert abs(float(direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1) - plain)) > 1e-4
         assert torch.equal(model(ids), model(ids))
 
 
 def test_sample_renders_through_the_direct_decoder(decoder_out, tmp_path, capsys):
-    """--decoder direct paints the sampled tokens with direct.pt; auto picks it when it exists and says so; a missing
-    direct.pt or one from another codebook is a one-line error."""
+    """--decoder direct paints the sampled tokens with direct.pt; auto picks MaskGIT when decoder.pt exists, else direct.pt,
+    and says which; a missing direct.pt or one from another codebook is a one-line error."""
     import sample
     import train_gpt
     from train_decoder import direct_render, load_direct
     out = tmp_path / "out"
     out.mkdir()
-    for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "decoder.pt", "codebook.pt"):
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "decoder.pt", "codebook.pt", "direct.pt"):
         os.link(os.path.join(decoder_out, f), out / f)
     train_gpt.main(["--out", str(out), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--eval-interval", "2",
                     "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="direct.pt not found: run train_decoder.py --stage direct first"):
-        sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "a")])
     sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "m")])
-    assert "rendered by MaskGIT" in capsys.readouterr().out  # auto without direct.pt
-    os.link(os.path.join(decoder_out, "direct.pt"), out / "direct.pt")
+    assert "rendered by MaskGIT" in capsys.readouterr().out  # auto with decoder.pt
+    (out / "decoder.pt").unlink()
     tokens, pngs = sample.main(["--out", str(out), "--class", "0,1", "--num-samples", "2", "--samples-dir", str(tmp_path / "d")])
-    assert "rendered by the direct decoder" in capsys.readouterr().out
+    assert "rendered by the direct decoder" in capsys.readouterr().out  # auto without it
     direct, _ = load_direct(str(out / "direct.pt"), torch.device("cpu"))
     with torch.no_grad():
         painted = direct_render(direct, tokens.long()) / 2 + 0.5
     assert pngs.shape == painted.shape and (painted - pngs).abs().max() < 1.5 / 255
-    other = torch.load(out / "direct.pt", weights_only=True)
+    (out / "direct.pt").rename(tmp_path / "direct.pt")
+    with pytest.raises(SystemExit, match="direct.pt not found: run train_decoder.py --stage direct first"):
+        sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "a")])
+    other = torch.load(tmp_path / "direct.pt", weights_only=True)
     other["tokens"] = "another-codebook"
-    (out / "direct.pt").unlink()
     torch.save(other, out / "direct.pt")
     with pytest.raises(SystemExit, match="different codebooks"):
         sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "e")])
@@ -464,3 +464,21 @@ def test_direct_stage_refuses_a_codebook_that_did_not_make_the_tokens(decoder_ou
     torch.save(cb, out / "codebook.pt")
     with pytest.raises(SystemExit, match="different codebooks"):
         train_decoder.main(["--stage", "direct", "--out", str(out), "--max-steps", "1", "--workers", "0"])
+
+
+def test_direct_upper_bound_trains_on_continuous_features(decoder_out, tmp_path):
+    """--direct-input features: the same decoder fed the DINOv2 patch features the tokens were quantised from."""
+    from train_decoder import patch_features
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    tok = torch.load(out / "tokens_val.pt", weights_only=True)
+    feats = patch_features(tok, torch.device("cpu"), None)
+    cb = torch.load(out / "codebook.pt", weights_only=True)
+    assert feats.shape == (len(tok["tokens"]), 16, cb["centroids"].shape[1])
+    nearest = torch.cdist(feats.flatten(0, 1), cb["centroids"]).argmin(1).view(len(feats), -1)
+    assert (nearest == tok["tokens"].long()).float().mean() > 0.95  # the features the ids were made from
+    m = train_decoder.main(["--stage", "direct", "--direct-input", "features", "--out", str(out), "--max-steps", "2", "--n-layer", "1",
+                            "--batch-size", "4", "--workers", "0", "--perceptual", "0", "--precision", "fp32", "--eval-interval", "2"])
+    assert (out / "direct_features.pt").exists() and not (out / "direct.pt").exists() and m["psnr"] > 0
