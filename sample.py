@@ -48,8 +48,8 @@ def get_args(argv=None):
     a("--top-p", type=mass, default=1.0, help="nucleus sampling mass (1: off) (default: %(default)s)")
     a("--cfg-scale", type=nonneg_float, default=1.0, help="classifier-free guidance: uncond + s * (cond - uncond) (1: off) (default: %(default)s)")
     a("--decoder", default="auto", choices=["auto", "direct", "maskgit"], help="renderer of DiGIT tokens: maskgit (decoder.pt + "
-      "vq.pt) or direct (direct.pt); auto = maskgit if decoder.pt exists (on the demo its samples are recognised more often), "
-      "else direct (default: %(default)s)")
+      "vq.pt) or direct (direct.pt); auto = direct only when direct.pt exists and decoder.pt does not (on the demo MaskGIT's "
+      "samples are recognised more often) (default: %(default)s)")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT steps of the renderer (default: %(default)s)")
     a("--decode-temperature", type=positive_float, default=1.0, help="sampling temperature of the renderer's VQ tokens (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (for checking / benchmarking)")
@@ -189,7 +189,8 @@ def load_renderer(args, gpt_ck, device):
         vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
         check_fit_vq(gpt_ck, vq_ck, out)
         return (lambda t, gen: vq_decode(vq, t, tuple(vq_ck["grid"]))), [vq_ck.get("fingerprint")], "the VQ decoder"
-    choice = args.decoder if args.decoder != "auto" else "maskgit" if os.path.exists(os.path.join(out, "decoder.pt")) else "direct"
+    only_direct = os.path.exists(os.path.join(out, "direct.pt")) and not os.path.exists(os.path.join(out, "decoder.pt"))
+    choice = args.decoder if args.decoder != "auto" else "direct" if only_direct else "maskgit"
     if choice == "direct":
         direct, d_ck = load_direct(os.path.join(out, "direct.pt"), device)
         for key, a, b in (("vocab_size", gpt_ck["vocab_size"], d_ck["digit_vocab"]), ("grid", tuple(gpt_ck["grid"]), tuple(d_ck["grid"]))):

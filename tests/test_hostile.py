@@ -131,12 +131,13 @@ def test_sweep_values_are_numbers_and_nothing_outside_is_removed(tmp_path):
 def test_eval_json_keeps_the_sections_of_earlier_runs(tmp_path, monkeypatch):
     out = make_token_files(str(tmp_path))
     with open(os.path.join(out, "eval.json"), "w") as f:
-        f.write('{"stability": {"VQ": [], "DiGIT": []}, "rendered": {"n_samples": 4}}')
+        f.write('{"stability": {"VQ": [], "DiGIT": []}, "rendered": {"n_samples": 4}, "rendered_vq": {"n_samples": 3}}')
     scores = dict(n_samples=2, n_real=4, fd_dinov2=1.0, classifier_score=1.0, class_agreement=1.0, precision=1.0, recall=1.0)
     monkeypatch.setattr(evaluate, "generative_scores", lambda *a, **k: scores)
     (tmp_path / "s").mkdir()
     res = evaluate.main(["--out", out, "--samples", str(tmp_path / "s")])
-    assert set(res) == {"stability", "rendered", "generative"} and res["rendered"] == {"n_samples": 4}
+    # kept; the old "stability" section is dropped: stability.py writes stability.json now
+    assert set(res) == {"rendered", "rendered_vq", "generative"} and res["rendered"] == {"n_samples": 4}
     assert res["generative"] == scores
 
 
