@@ -38,7 +38,7 @@ from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch
                     stop_if_not_finite)
 from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_tokens, to_unit, token_path
 from dinov2 import load_encoder
-from train_gpt import MODELS, Block
+from train_gpt import Block, add_size_args, model_size
 
 
 def get_args(argv=None):
@@ -54,10 +54,7 @@ def get_args(argv=None):
     a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
     a("--restart-interval", type=positive_int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
     a = p.add_argument_group("MaskGIT decoder (--stage maskgit) and direct decoder (--stage direct)").add_argument
-    a("--model", default="tiny", choices=list(MODELS), help="transformer size (default: %(default)s)")
-    a("--n-layer", type=positive_int, help="override the preset's layer count")
-    a("--n-embd", type=positive_int, help="override the preset's width")
-    a("--n-head", type=positive_int, help="override the preset's head count")
+    add_size_args(a, "transformer size preset")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
     a("--feature-noise", type=nonneg_float, default=0.8, help="direct: Gaussian noise on the input embeddings while training, "
       "std ~ U(0, this) x the centroids' std (RAE's augmentation: it copes with imperfect tokens) (default: %(default)s)")
@@ -423,7 +420,7 @@ def build_maskgit(args, grid, digit_vocab, device):
     vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
     if tuple(vq_ck["grid"]) != grid:
         fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
-    size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
+    size = model_size(args)
     model_args = dict(digit_vocab=digit_vocab, vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
     return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq, vq_fingerprint=vq_ck.get("fingerprint"))
 
@@ -436,7 +433,7 @@ def build_direct(args, grid, train_tok, device):
         fail(f"{args.out}/codebook.pt has {len(cb['centroids'])} centroids but the tokens use {train_tok['vocab_size']} ids")
     pixel_size = args.pixel_size or default_pixel_size(grid)
     vq_levels(pixel_size, grid)  # the same rule as the VQ: a power-of-two multiple of the grid
-    size = {k: getattr(args, k) or v for k, v in MODELS[args.model].items()}
+    size = model_size(args)
     model_args = dict(vocab=len(cb["centroids"]), dim=cb["centroids"].shape[1], grid=grid, patch=pixel_size // grid[0], **size)
     model = DirectDecoder(**model_args)
     model.centroids.copy_(cb["centroids"])

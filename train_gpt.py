@@ -42,10 +42,7 @@ MODELS = {
 def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("model").add_argument
-    a("--model", default="tiny", choices=list(MODELS), help="size preset (default: %(default)s)")
-    a("--n-layer", type=positive_int, help="override the preset's layer count")
-    a("--n-embd", type=positive_int, help="override the preset's width")
-    a("--n-head", type=positive_int, help="override the preset's head count")
+    add_size_args(a, "size preset")
     a("--dropout", type=fraction, default=0.0, help="dropout in attention and MLP (default: %(default)s)")
     a("--norm", default="pre", choices=["pre", "post"], help="pre-LN (default) or post-LN as the paper (default: %(default)s)")
     a("--tie-embeddings", action="store_true", help="share input and output token embeddings (the paper unties them)")
@@ -214,13 +211,24 @@ def load_gpt(path, device):
     return load_model(path, GPT, "run train_gpt.py first", device)
 
 
-def model_args_from(args, vocab_size, block_size, n_classes):
-    m = dict(MODELS[args.model])
-    for key in m:
-        if getattr(args, key) is not None:
-            m[key] = getattr(args, key)
+def add_size_args(a, what):
+    """--model and its overrides: the GPT's, and those of stage 2's transformers (train_decoder.py)."""
+    a("--model", default="tiny", choices=list(MODELS), help=f"{what} (default: %(default)s)")
+    a("--n-layer", type=positive_int, help="override the preset's layer count")
+    a("--n-embd", type=positive_int, help="override the preset's width")
+    a("--n-head", type=positive_int, help="override the preset's head count")
+
+
+def model_size(args):
+    """n_layer / n_embd / n_head: the --model preset with the command line's overrides."""
+    m = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in MODELS[args.model].items()}
     if m["n_embd"] % m["n_head"]:
         fail(f"--n-embd {m['n_embd']} is not divisible by --n-head {m['n_head']}")
+    return m
+
+
+def model_args_from(args, vocab_size, block_size, n_classes):
+    m = model_size(args)
     return dict(vocab_size=vocab_size, block_size=block_size, n_classes=n_classes, dropout=args.dropout,
                 norm=args.norm, tie_embeddings=args.tie_embeddings, **m)
 
