@@ -589,7 +589,7 @@ def main(argv=None):
                 bar.write(f"step {step}: val VQ-token accuracy {metrics['vq_token_acc']:.3f}, PSNR from DiGIT tokens "
                           f"{metrics['psnr']:.2f} dB -> {png}")
             else:
-                png = os.path.join(args.out, "direct_val.png")
+                png = ckpt_path.replace(".pt", "_val.png")  # direct_val.png, or direct_features_val.png for the upper bound
                 metrics = evaluate_direct(raw, val, args, device, dtype, png=png)
                 bar.write(f"step {step}: val PSNR painted from DiGIT tokens {metrics['psnr']:.2f} dB -> {png}")
         if step % args.ckpt_interval == 0 or step == args.max_steps:
