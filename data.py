@@ -213,6 +213,17 @@ def check_tokens(train, val, path):
             fail(f"{pre}tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
 
 
+def load_codebook(out, tok, split):
+    """codebook.pt, checked to be the tokenizer that made the token file tok (tokens_<split>.pt): same fit
+    (fingerprint), encoder, block, image size and vocabulary."""
+    cb = load_artifact(os.path.join(out, "codebook.pt"), f"run tokenize_kmeans.py --out {out} first")
+    check_same("codebooks", f"{out}/codebook.pt", cb.get("fingerprint"), f"{out}/tokens_{split}.pt", tok.get("codebook"))
+    if (cb["encoder"], cb["layer"], cb["image_size"], len(cb["centroids"])) != (tok["encoder"], tok["layer"], tok["image_size"], tok["vocab_size"]):
+        fail(f"{out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px, K={len(cb['centroids'])}) is not the "
+             f"tokenizer of tokens_{split}.pt ({tok['encoder']}, block {tok['layer']}, {tok['image_size']} px, K={tok['vocab_size']})")
+    return cb
+
+
 def to_unit(x):
     """uint8 [0, 255] -> float [-1, 1], the pixel models' range."""
     return x.float() / 127.5 - 1

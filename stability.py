@@ -42,11 +42,12 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from common import add_system_args, check_same, fail, init_distributed, load_artifact, parser, positive_int, prepare_out, seeded
-from data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, token_path, wheel_member
+from common import add_system_args, fail, init_distributed, parser, positive_int, prepare_out, seeded
+from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_codebook, load_tokens, token_path,
+                  wheel_member)
 from dinov2 import load_encoder
 from tokenize_kmeans import nearest_centroid
-from train_decoder import load_vq, vq_encode
+from train_decoder import load_vq
 
 SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
 # The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
@@ -117,18 +118,14 @@ class VQTokenizer:
     @torch.no_grad()
     def __call__(self, x):
         x = (x * 2 - 1).to(self.device)
-        z = torch.cat([self.vq.encoder(c) for c in x.split(self.batch_size)])
-        ids = torch.cat([vq_encode(self.vq, c) for c in x.split(self.batch_size)])
-        return F.normalize(z.permute(0, 2, 3, 1).flatten(0, 2), dim=1), ids.flatten()
+        # one encoder pass per chunk: quantize() returns both the ids and the unit-norm latents they were picked for
+        parts = [self.vq.quantize(self.vq.encoder(c)) for c in x.split(self.batch_size)]
+        return torch.cat([p[4] for p in parts]), torch.cat([p[1] for p in parts]).flatten()
 
 
 def load_tokenizers(out, val_tok, device):
     """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt."""
-    cb = load_artifact(os.path.join(out, "codebook.pt"), f"run tokenize_kmeans.py --out {out} first")
-    check_same("codebooks", f"{out}/codebook.pt", cb.get("fingerprint"), f"{out}/tokens_val.pt", val_tok.get("codebook"))
-    if (cb["encoder"], cb["layer"], cb["image_size"]) != (val_tok["encoder"], val_tok["layer"], val_tok["image_size"]):
-        fail(f"{out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px) is not the tokenizer of "
-             f"tokens_val.pt ({val_tok['encoder']}, block {val_tok['layer']}, {val_tok['image_size']} px)")
+    cb = load_codebook(out, val_tok, "val")
     vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
     if tuple(vq_ck["grid"]) != tuple(val_tok["grid"]):
         fail(f"{out}/vq.pt has a {tuple(vq_ck['grid'])} latent grid, the DiGIT tokens {tuple(val_tok['grid'])}: retrain the VQ")

@@ -36,7 +36,7 @@ from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch
                     finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
                     fraction, load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
                     stop_if_not_finite)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_tokens, to_unit, token_path
+from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_codebook, load_tokens, to_unit, token_path
 from dinov2 import load_encoder
 from train_gpt import Block, add_size_args, model_size
 
@@ -427,10 +427,7 @@ def build_maskgit(args, grid, digit_vocab, device):
 
 def build_direct(args, grid, train_tok, device):
     """Stage direct: the codebook's centroids as frozen input embeddings, a fresh transformer, the optional perceptual loss."""
-    cb = load_artifact(os.path.join(args.out, "codebook.pt"), f"run tokenize_kmeans.py --out {args.out} first")
-    check_same("codebooks", f"{args.out}/codebook.pt", cb.get("fingerprint"), f"{args.out}/tokens_train.pt", train_tok.get("codebook"))
-    if len(cb["centroids"]) != train_tok["vocab_size"]:
-        fail(f"{args.out}/codebook.pt has {len(cb['centroids'])} centroids but the tokens use {train_tok['vocab_size']} ids")
+    cb = load_codebook(args.out, train_tok, "train")
     pixel_size = args.pixel_size or default_pixel_size(grid)
     vq_levels(pixel_size, grid)  # the same rule as the VQ: a power-of-two multiple of the grid
     size = model_size(args)
