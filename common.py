@@ -402,6 +402,23 @@ def batch_indices(step, batch_size, n, seed):
 
 # ----------------------------------------------------------------------------- the linear classifier of probe.py and eval.py
 
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's share of the global batch of every step from `start` on (see batch_indices):
+    resumable from the step alone, and the same global batches for any number of ranks."""
+
+    def __init__(self, n, batch_size, seed, start, rank, world):
+        self.n, self.batch_size, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
+
+    def __iter__(self):
+        step, share = self.start, self.batch_size // self.world
+        while True:
+            yield from batch_indices(step, self.batch_size, self.n, self.seed)[self.rank * share: (self.rank + 1) * share].tolist()
+            step += 1
+
+    def __len__(self):
+        return 2 ** 62
+
+
 def fit_linear(train_x, train_y, n_classes, epochs, lr=0.1, batch_size=256, seed=0):
     """Linear softmax classifiers on several feature sets at once: train_x [G, N, D] -> a function
     mapping features [G, M, D] to logits [G, M, n_classes].

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from common import autocast, fail, gather_rows, load_artifact, rank_world, save_atomic
-from data import DEFAULT_CACHE, dataset_for_tokens, image_transform, wheel_member
+from data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, dataset_for_tokens, image_transform, wheel_member
 
 # dim, depth, heads, register tokens, FFN; the position-embedding resize rule (offset, antialias) of
 # each weight source: the official hub code uses a scale factor with offset 0.1 (antialias for _reg),
@@ -223,3 +223,24 @@ def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=No
         if rank == 0:
             save_atomic(dict(features=f, key=key), path)
     return dict(pooled=f[:, : f.shape[1] // 2], cls=f[:, f.shape[1] // 2:])
+
+
+class DinoPerceptual(nn.Module):
+    """Perceptual loss that works offline (train_decoder.py --perceptual): distance between frozen DINOv2 features
+    of two images in [-1, 1] (an early block, where features still describe local appearance)."""
+
+    def __init__(self, encoder, layer):
+        super().__init__()
+        self.vit, self.layer = load_encoder(encoder), layer - 1
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 2 - 1)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 2)
+
+    def features(self, x):
+        side = max(56, x.shape[-1] // 14 * 14)
+        x = F.interpolate((x - self.mean) / self.std, size=(side, side), mode="bilinear", align_corners=False)
+        return self.vit.get_intermediate_layers(x, [self.layer], norm=False)[0]
+
+    def forward(self, a, b):
+        with torch.no_grad():
+            fb = self.features(b)
+        return F.mse_loss(self.features(a), fb)

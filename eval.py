@@ -323,8 +323,9 @@ def write_report(args, results):
                   f"{m['codes_used']} / {vq['model_args']['codes']} codes used, perplexity {m['perplexity']:.0f}.", ""]
     if dec is not None:
         m = dec["metrics"]
-        lines += ["## MaskGIT decoder", f"{dec['step']} steps: val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR of images rendered "
-                  f"from the real DiGIT tokens {m['psnr']:.2f} dB.", "", "Rows: original | VQ reconstruction | rendered from DiGIT tokens:",
+        vq_note = f" (pretrained VQ: {dec['vq_path']})" if dec.get("vq_path") else ""
+        lines += ["## MaskGIT decoder", f"{dec['step']} steps{vq_note}: val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR of images "
+                  f"rendered from the real DiGIT tokens {m['psnr']:.2f} dB.", "", "Rows: original | VQ reconstruction | rendered from DiGIT tokens:",
                   "", "![decoder](decoder_val.png)", ""]
     if os.path.exists(os.path.join(out, "samples", "grid.png")):
         lines += ["## Samples", "One row per class:", "", "![samples](samples/grid.png)", ""]

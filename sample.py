@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from common import (add_system_args, check_same, fail, init_distributed, load_artifact, mass, nonneg_float, nonneg_int, parser,
                     positive_float, positive_int, prepare_out, save_atomic, seeded)
-from train_decoder import decode, direct_render, load_decoder, load_direct, load_vq, vq_decode
-from data import add_tokenizer_arg
+from train_decoder import decode, direct_render, load_decoder, load_direct
+from vqgan import load_vq, vq_decode
+from data import add_tokenizer_arg, base_view
 from train_gpt import KVCache, gpt_path, load_gpt
 
 
@@ -150,7 +151,7 @@ def check_fit_vq(gpt_ck, vq_ck, out):
 
 def real_tokens(path, n, gpt_ck, device):
     """The first n rows of a token file (their labels as the 'requested' classes), checked against gpt.pt."""
-    tok = load_artifact(path, "--from-tokens takes a token file such as OUT/tokens_val.pt")
+    tok = base_view(load_artifact(path, "--from-tokens takes a token file such as OUT/tokens_val.pt"))
     if not isinstance(tok, dict) or "tokens" not in tok or "grid" not in tok:
         fail(f"--from-tokens {path} is not a token file (no tokens/grid): give one such as OUT/tokens_val.pt")
     check_same("codebooks", path, tok.get("codebook"), "gpt.pt", gpt_ck.get("tokens"))
@@ -199,12 +200,14 @@ def load_renderer(args, gpt_ck, device):
         check_same("codebooks", f"{out}/gpt.pt", gpt_ck.get("tokens"), f"{out}/direct.pt", d_ck.get("tokens"))
         return (lambda t, gen: direct_render(direct, t)), [d_ck.get("fingerprint")], "the direct decoder (direct.pt)"
     dec, dec_ck = load_decoder(os.path.join(out, "decoder.pt"), device)
-    vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
+    # the VQ the MaskGIT learned: OUT/vq.pt, or the pretrained one decoder.pt names (train_decoder.py --vq)
+    vq_path = dec_ck.get("vq_path") or os.path.join(out, "vq.pt")
+    vq, vq_ck = load_vq(vq_path, device, grid=tuple(dec_ck["grid"]), pixel_size=dec_ck.get("pixel_size"))
     check_fit(gpt_ck, dec_ck, vq_ck, out)
 
     def render(tokens, gen):
         return vq_decode(vq, decode(dec, tokens, args.decode_steps, args.decode_temperature, gen=gen), tuple(vq_ck["grid"]))
-    return render, [dec_ck.get("fingerprint"), vq_ck.get("fingerprint")], f"MaskGIT ({args.decode_steps} steps, decoder.pt) + the VQ decoder (vq.pt)"
+    return render, [dec_ck.get("fingerprint"), vq_ck.get("fingerprint")], f"MaskGIT ({args.decode_steps} steps, decoder.pt) + the VQ decoder ({vq_path})"
 
 
 def sample_batch(args, models, labels, tokens, n, gen):

@@ -47,7 +47,7 @@ from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_tokens, data
                   wheel_member)
 from dinov2 import load_encoder
 from tokenize_kmeans import nearest_centroid
-from train_decoder import load_vq
+from vqgan import load_vq
 
 SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
 # The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
@@ -62,6 +62,9 @@ def get_args(argv=None):
     a("--snrs", default=",".join(map(str, SNRS)), help="comma-separated SNRs in dB (default: the paper's %(default)s)")
     a("--write-photos", default=None, metavar="DIR", help="only write crops of the scikit-image wheel's photos to DIR/{train,val}/photo/ and stop")
     a("--foreground", type=float, default=0.1, help="a token is 'foreground' if its cell's mean clean pixel value exceeds this (default: %(default)s)")
+    a("--vq", default=None, help="the pixel tokenizer to compare: OUT/vq.pt (default), or a pretrained one in its published layout "
+      "(MAGE's VQGAN, as the paper's Table 1; LlamaGen's VQ-16)")
+    a("--pixel-size", type=positive_int, default=None, help="image side a pretrained --vq sees (default: DiGIT grid side x its downsampling)")
     add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to", precision=False)
     args = p.parse_args(argv)
     try:
@@ -118,17 +121,15 @@ class VQTokenizer:
     @torch.no_grad()
     def __call__(self, x):
         x = (x * 2 - 1).to(self.device)
-        # one encoder pass per chunk: quantize() returns both the ids and the unit-norm latents they were picked for
-        parts = [self.vq.quantize(self.vq.encoder(c)) for c in x.split(self.batch_size)]
-        return torch.cat([p[4] for p in parts]), torch.cat([p[1] for p in parts]).flatten()
+        # one encoder pass per chunk: the latents the codes were picked for, and the ids
+        parts = [self.vq.encode_latents(c) for c in x.split(self.batch_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).flatten()
 
 
-def load_tokenizers(out, val_tok, device):
-    """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt."""
+def load_tokenizers(out, val_tok, device, vq_path=None, pixel_size=None):
+    """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt (or --vq)."""
     cb = load_codebook(out, val_tok, "val")
-    vq, vq_ck = load_vq(os.path.join(out, "vq.pt"), device)
-    if tuple(vq_ck["grid"]) != tuple(val_tok["grid"]):
-        fail(f"{out}/vq.pt has a {tuple(vq_ck['grid'])} latent grid, the DiGIT tokens {tuple(val_tok['grid'])}: retrain the VQ")
+    vq, vq_ck = load_vq(vq_path or os.path.join(out, "vq.pt"), device, grid=tuple(val_tok["grid"]), pixel_size=pixel_size)
     return {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device), "DiGIT": DiGITTokenizer(cb, device)}
 
 
@@ -309,7 +310,7 @@ def main(argv=None):
         return None
     val_tok = load_tokens(out, "val")
     check_tokens(val_tok, val_tok, out)
-    tokenizers = load_tokenizers(out, val_tok, device)
+    tokenizers = load_tokenizers(out, val_tok, device, args.vq, args.pixel_size)
     images = native_images(val_tok, min(args.images, len(val_tok["tokens"])))
     n = len(images)
 

@@ -2,13 +2,15 @@
 Stage 2 of DiGIT: render DiGIT tokens as pixels (paper Sec. 3.3).
 
 DiGIT tokens say *what* is in each patch, not its exact pixels, so a second model paints them:
-  --stage vq       a small pixel VQ autoencoder (VQGAN-like) whose latent grid equals the DiGIT grid;
-                   its tokens are the "pixel tokens". Writes vq.pt, and the VQ's codes of the same
-                   images as vq_tokens_{train,val}.pt: the paper's baseline tokens, on which
-                   train_gpt.py --tokenizer vq trains the same GPT.
+  --stage vq       a small pixel VQ autoencoder (VQGAN-like; the model is in vqgan.py) whose latent grid
+                   equals the DiGIT grid; its tokens are the "pixel tokens". MSE (+ DINOv2 perceptual,
+                   + PatchGAN with --disc-weight). Writes vq.pt, and the VQ's codes of the same images as
+                   vq_tokens_{train,val}.pt: the paper's baseline tokens, on which train_gpt.py
+                   --tokenizer vq trains the same GPT.
   --stage maskgit  a bidirectional transformer that predicts an image's VQ tokens from its DiGIT
                    tokens, MaskGIT-style (Chang et al. 2022); the VQ decoder renders them. Writes
                    decoder.pt and decoder_val.png (rows: original | VQ reconstruction | from DiGIT).
+                   The VQ is vq.pt, or with --vq PATH a pretrained one: MAGE's VQGAN, as the paper.
   --stage direct   pixels straight from DiGIT tokens, no VQ and no MaskGIT (the paper's future work,
                    RAE-style): each id -> its frozen K-means centroid (+ a learned residual), Gaussian
                    noise on those embeddings while training, a bidirectional transformer over the grid,
@@ -18,6 +20,7 @@ Run (after tokenize_kmeans.py; reads out/tokens_*.pt and the images they came fr
     python train_decoder.py --stage vq
     python train_decoder.py --stage maskgit
     python train_decoder.py --stage direct      # needs no vq.pt
+    python train_decoder.py --stage maskgit --vq vqgan_jax_strongaug.ckpt   # MAGE's VQGAN: no --stage vq
     torchrun --nproc_per_node 8 train_decoder.py --stage vq --batch-size 256   # paper scale
 """
 import math
@@ -28,24 +31,26 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from common import (add_system_args, all_reduce, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
+from common import (add_system_args, all_reduce, autocast, autocast_dtype, check_same, check_weights_finite, fail,
                     finish_distributed, init_distributed, learning_rate, load_model, new_fingerprint, nonneg_float, nonneg_int,
                     fraction, load_artifact, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore, rng_state, save_atomic, seeded,
-                    stop_if_not_finite)
-from data import IMAGENET_MEAN, IMAGENET_STD, ImagesWithTokens, check_tokens, dataset_for_tokens, load_codebook, load_tokens, to_unit, token_path
-from dinov2 import load_encoder
+                    StepSampler, stop_if_not_finite)
+from data import ImagesWithTokens, check_tokens, dataset_for_tokens, load_codebook, load_tokens, to_unit, token_path
+from dinov2 import DinoPerceptual, load_encoder
 from train_gpt import Block, add_size_args, model_size
+from vqgan import VQModel, load_vq, vq_decode, vq_encode
 
 
 def get_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--stage", required=True, choices=["vq", "maskgit", "direct"], help="which model to train")
     a = p.add_argument_group("pixel VQ (--stage vq)").add_argument
-    a("--pixel-size", type=positive_int, default=None, help="image side of the VQ model (default: 4 x grid side, 256 for a 16x16 grid)")
+    a("--pixel-size", type=positive_int, default=None, help="image side the pixels are made at (default: 4 x grid side, 256 for a "
+      "16x16 grid; with a pretrained --vq: grid side x its downsampling, 256 for MAGE's VQGAN on 16x16 DiGIT tokens)")
     a("--vq-channels", type=positive_int, default=64, help="VQ base channel count (default: %(default)s)")
     a("--vq-codes", type=positive_int, default=1024, help="VQ codebook size (default: %(default)s)")
     a("--code-dim", type=positive_int, default=32, help="VQ code dimension (L2-normalised codes) (default: %(default)s)")
@@ -53,7 +58,13 @@ def get_args(argv=None):
     a("--perceptual", type=nonneg_float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
     a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
     a("--restart-interval", type=positive_int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
+    a("--disc-weight", type=nonneg_float, default=0.0, help="weight of the adversarial term: a PatchGAN with a hinge loss, scaled "
+      "by taming's adaptive weight (VQGAN, Esser et al. 2021); 0: off (default: %(default)s)")
+    a("--disc-start", type=nonneg_int, default=0, help="step at which the discriminator starts to train and to count (default: %(default)s)")
+    a("--disc-layers", type=positive_int, default=3, help="strided conv layers of the PatchGAN (its receptive field) (default: %(default)s)")
     a = p.add_argument_group("MaskGIT decoder (--stage maskgit) and direct decoder (--stage direct)").add_argument
+    a("--vq", default=None, help="maskgit: the pixel VQ whose codes it learns: OUT/vq.pt (default), or a pretrained one in its "
+      "published layout, MAGE's VQGAN (the paper's, vqgan_jax_strongaug.ckpt) or LlamaGen's VQ-16 (vq_ds16_c2i.pt)")
     add_size_args(a, "transformer size preset")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT decoding steps T (default: %(default)s)")
     a("--feature-noise", type=nonneg_float, default=0.8, help="direct: Gaussian noise on the input embeddings while training, "
@@ -76,7 +87,7 @@ def get_args(argv=None):
     a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
     a("--resume", action="store_true", help="continue this stage from its checkpoint")
     a("--force", action="store_true", help="start afresh even though this stage's checkpoint exists (it is overwritten)")
-    system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt to")
+    system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes vq.pt / decoder.pt / direct.pt to")
     system.add_argument("--workers", type=nonneg_int, default=2, help="data loader processes when images are streamed (default: %(default)s)")
     system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="hold the images in memory (uint8) if they take less than this (default: %(default)s)")
     args = p.parse_args(argv)
@@ -85,116 +96,13 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- data: a step-indexed sampler
-
-class StepSampler(Sampler):
-    """This rank's share of the global batch of every step from `start` on (see common.batch_indices):
-    resumable from the step alone, and the same global batches for any number of ranks."""
-
-    def __init__(self, n, batch_size, seed, start, rank, world):
-        self.n, self.batch_size, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
-
-    def __iter__(self):
-        step, share = self.start, self.batch_size // self.world
-        while True:
-            yield from batch_indices(step, self.batch_size, self.n, self.seed)[self.rank * share: (self.rank + 1) * share].tolist()
-            step += 1
-
-    def __len__(self):
-        return 2 ** 62
-
-
 def psnr(a, b):
     """Peak signal-to-noise ratio (dB) per image of two [-1, 1] batches, measured on [0, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
-# ----------------------------------------------------------------------------- part 1: the pixel VQ autoencoder
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(min(32, c_in // 4), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-                                  nn.GroupNorm(min(32, c_out // 4), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x):
-        return self.skip(x) + self.body(x)
-
-
-class VQModel(nn.Module):
-    """Conv encoder (levels x stride-2) -> L2-normalised vector quantizer -> conv decoder (VQGAN-like, small).
-
-    Codes and encoder outputs live on the unit sphere (as ViT-VQGAN, Yu et al. 2022): the lookup is a
-    cosine similarity and every code stays in use far more easily than with raw Euclidean codes."""
-
-    def __init__(self, levels, channels=64, codes=1024, code_dim=32):
-        super().__init__()
-        chs = [channels * m for m in (1, 2, 2, 4, 4)[: levels + 1]]
-        enc = [nn.Conv2d(3, chs[0], 3, padding=1)]
-        for i in range(levels):
-            enc += [ResBlock(chs[i], chs[i + 1]), nn.Conv2d(chs[i + 1], chs[i + 1], 4, stride=2, padding=1)]
-        enc += [ResBlock(chs[-1], chs[-1]), nn.GroupNorm(32 if chs[-1] >= 128 else 8, chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], code_dim, 1)]
-        self.encoder = nn.Sequential(*enc)
-        self.codebook = nn.Embedding(codes, code_dim)
-        dec = [nn.Conv2d(code_dim, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
-        for i in reversed(range(levels)):
-            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chs[i + 1], chs[i + 1], 3, padding=1), ResBlock(chs[i + 1], chs[i])]
-        dec += [nn.GroupNorm(8, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 3, 3, padding=1)]
-        self.decoder = nn.Sequential(*dec)
-
-    def codes(self):
-        return F.normalize(self.codebook.weight, dim=1)
-
-    def quantize(self, z):
-        """z [B, D, h, w] -> (quantized with straight-through gradient, ids [B, h*w], VQ loss terms)."""
-        B, D, h, w = z.shape
-        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=1)
-        e = self.codes()
-        ids = (z @ e.t()).argmax(1)  # nearest on the sphere = largest cosine
-        q = e[ids]
-        codebook_loss, commit_loss = F.mse_loss(q, z.detach()), F.mse_loss(z, q.detach())
-        q = z + (q - z).detach()  # straight-through: the decoder's gradient flows to the encoder unchanged
-        return q.view(B, h, w, D).permute(0, 3, 1, 2), ids.view(B, h * w), codebook_loss, commit_loss, z
-
-    def forward(self, x):
-        q, ids, cb, cm, z = self.quantize(self.encoder(x))
-        return self.decoder(q), ids, cb, cm, z
-
-
-def vq_encode(vq, images):
-    """Images [B, 3, S, S] in [-1, 1] -> VQ token ids [B, h*w] (raster order)."""
-    return vq.quantize(vq.encoder(images))[1]
-
-
-def vq_decode(vq, ids, grid):
-    """VQ token ids [B, h*w] -> images [B, 3, S, S] in [-1, 1]."""
-    h, w = grid
-    q = vq.codes()[ids].view(len(ids), h, w, -1).permute(0, 3, 1, 2)
-    return vq.decoder(q).clamp(-1, 1)
-
-
-class DinoFeatures(nn.Module):
-    """Perceptual loss that works offline: distance between frozen DINOv2 features of two images
-    (an early block, where features still describe local appearance)."""
-
-    def __init__(self, encoder, layer):
-        super().__init__()
-        self.vit, self.layer = load_encoder(encoder), layer - 1
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 2 - 1)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 2)
-
-    def features(self, x):
-        side = max(56, x.shape[-1] // 14 * 14)
-        x = F.interpolate((x - self.mean) / self.std, size=(side, side), mode="bilinear", align_corners=False)
-        return self.vit.get_intermediate_layers(x, [self.layer], norm=False)[0]
-
-    def forward(self, a, b):
-        with torch.no_grad():
-            fb = self.features(b)
-        return F.mse_loss(self.features(a), fb)
-
+# ----------------------------------------------------------------------------- part 1: the pixel VQ (its model: vqgan.py)
 
 # ----------------------------------------------------------------------------- part 2: the MaskGIT-style decoder
 
@@ -326,10 +234,6 @@ def vq_levels(pixel_size, grid):
     return int(levels)
 
 
-def load_vq(path, device):
-    return load_model(path, VQModel, "run train_decoder.py --stage vq first", device)
-
-
 def load_decoder(path, device):
     return load_model(path, MaskGIT, "run train_decoder.py --stage maskgit first", device)
 
@@ -354,7 +258,7 @@ def evaluate_vq(vq, val, args, device, dtype):
             psnrs.append(psnr(rec.float(), x))
             ids.append(i.flatten())
     vq.train()
-    counts = torch.bincount(torch.cat(ids), minlength=vq.codebook.num_embeddings).float()
+    counts = torch.bincount(torch.cat(ids), minlength=vq.num_codes).float()
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     return dict(psnr=float(torch.cat(psnrs).mean()), codes_used=int((counts > 0).sum()), perplexity=perplexity)
@@ -411,18 +315,20 @@ def build_vq(args, grid, encoder, device):
     """Stage vq: a fresh VQ whose latent grid is the DiGIT grid, and the optional DINOv2 perceptual loss."""
     pixel_size = args.pixel_size or default_pixel_size(grid)
     model_args = dict(levels=vq_levels(pixel_size, grid), channels=args.vq_channels, codes=args.vq_codes, code_dim=args.code_dim)
-    perceptual = DinoFeatures(encoder, args.perceptual_layer).to(device) if args.perceptual > 0 else None
-    return VQModel(**model_args).to(device), model_args, pixel_size, dict(perceptual=perceptual)
+    perceptual = DinoPerceptual(encoder, args.perceptual_layer).to(device) if args.perceptual > 0 else None
+    disc = patch_discriminator(args.disc_layers).to(device) if args.disc_weight > 0 else None
+    return VQModel(**model_args).to(device), model_args, pixel_size, dict(perceptual=perceptual, disc=disc)
 
 
 def build_maskgit(args, grid, digit_vocab, device):
-    """Stage maskgit: the frozen VQ of vq.pt (its codes are the targets) and a fresh MaskGIT over both token kinds."""
-    vq, vq_ck = load_vq(os.path.join(args.out, "vq.pt"), device)
-    if tuple(vq_ck["grid"]) != grid:
-        fail(f"vq.pt has a {vq_ck['grid']} latent grid but the DiGIT tokens in {args.out} are {grid}: retrain the VQ")
+    """Stage maskgit: the frozen VQ (its codes are the targets) and a fresh MaskGIT over both token kinds. The VQ is
+    OUT/vq.pt, or with --vq a pretrained one (MAGE's VQGAN, as the paper; LlamaGen's VQ-16): no --stage vq needed."""
+    vq, vq_ck = load_vq(args.vq or os.path.join(args.out, "vq.pt"), device, grid=grid, pixel_size=args.pixel_size if args.vq else None)
     size = model_size(args)
     model_args = dict(digit_vocab=digit_vocab, vq_codes=vq_ck["model_args"]["codes"], length=grid[0] * grid[1], **size)
-    return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], dict(vq=vq, vq_fingerprint=vq_ck.get("fingerprint"))
+    # a pretrained VQ lives outside OUT: decoder.pt records where, so sample.py renders through the same one
+    parts = dict(vq=vq, vq_fingerprint=vq_ck.get("fingerprint"), vq_path=vq_ck.get("path") if args.vq else None)
+    return MaskGIT(**model_args).to(device), model_args, vq_ck["pixel_size"], parts
 
 
 def build_direct(args, grid, train_tok, device):
@@ -434,7 +340,7 @@ def build_direct(args, grid, train_tok, device):
     model_args = dict(vocab=len(cb["centroids"]), dim=cb["centroids"].shape[1], grid=grid, patch=pixel_size // grid[0], **size)
     model = DirectDecoder(**model_args)
     model.centroids.copy_(cb["centroids"])
-    perceptual = DinoFeatures(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
+    perceptual = DinoPerceptual(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
     return model.to(device), model_args, pixel_size, dict(perceptual=perceptual, scale=float(cb["centroids"].std()))
 
 
@@ -459,14 +365,47 @@ def direct_loss(model, raw, x, digit, gen, args, parts, rank, world):
     return loss
 
 
-def vq_loss(model, x, args, perceptual, usage):
-    """Reconstruction (+ perceptual) + codebook + commitment loss; counts the codes used (for restarts)."""
+def vq_loss(model, raw, x, args, parts, usage, step):
+    """Reconstruction (+ perceptual) + codebook + commitment loss (+ the adversarial term from --disc-start on);
+    counts the codes used (for restarts). Returns the loss, the latents and the reconstructions."""
     rec, ids, cb_loss, commit_loss, z = model(x)
-    loss = F.mse_loss(rec.float(), x) + cb_loss + args.commit * commit_loss
-    if perceptual is not None:
-        loss = loss + args.perceptual * perceptual(rec.float(), x)
+    rec = rec.float()
+    nll = F.mse_loss(rec, x)
+    if parts["perceptual"] is not None:
+        nll = nll + args.perceptual * parts["perceptual"](rec, x)
+    loss = nll + cb_loss + args.commit * commit_loss
+    if parts["disc"] is not None and step >= args.disc_start:
+        parts["disc"].requires_grad_(False)  # the generator's term: gradients reach the VQ through D, not D itself
+        g_loss = -parts["disc"](rec).mean()
+        parts["disc"].requires_grad_(True)
+        loss = loss + args.disc_weight * adaptive_weight(nll, g_loss, raw.decoder[-1].weight) * g_loss
     usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=usage.device))
-    return loss, z
+    return loss, z, rec
+
+
+def patch_discriminator(layers, channels=64):
+    """PatchGAN (pix2pix, Isola et al. 2017; taming's NLayerDiscriminator): strided 4x4 convs, one real/fake
+    logit per image patch, so it judges texture and edges that an MSE loss leaves blurry."""
+    mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+    for i in range(1, layers + 1):
+        c_out = channels * min(2 ** i, 8)
+        # GroupNorm where taming has BatchNorm: per-image statistics keep a run the same for any number of ranks
+        mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(32, c_out), nn.LeakyReLU(0.2)]
+        c = c_out
+    return nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
+
+
+def adaptive_weight(nll, g_loss, last_layer):
+    """taming's balance of the two losses: the ratio of their gradient norms at the decoder's last layer, so
+    the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq. 7)."""
+    g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g1.norm() / (g2.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def disc_loss(disc, x, rec):
+    """Hinge loss of the discriminator on real images and (detached) reconstructions."""
+    return 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean())
 
 
 def maskgit_loss(model, mask_id, vq, x, digit, gen, batch_size, rank, world):
@@ -516,18 +455,28 @@ def main(argv=None):
     # -- optimizer, fresh or restored (--resume); DDP averages the ranks' gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99 if args.stage == "vq" else 0.95),
                                   weight_decay=0.0 if args.stage == "vq" else 0.05)
-    step, history = 0, []
+    disc = parts.get("disc")  # --disc-weight: the PatchGAN and its own optimizer (taming's Adam betas)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
+    step, history, disc_history = 0, [], []
     usage = torch.zeros(args.vq_codes, device=device)  # VQ code use since the last restart of dead codes
     if args.resume:
         ck = restore(ckpt_path, model, optimizer, model_args, device)
+        if disc is not None:
+            if "disc" not in ck:
+                fail(f"--resume: {ckpt_path} was trained without --disc-weight; give the same settings")
+            disc.load_state_dict(ck["disc"])
+            disc_opt.load_state_dict(ck["disc_optimizer"])
+            disc_history = ck["disc_history"]
         check_same("codebooks", ckpt_path, ck.get("tokens"), f"{args.out}/tokens_train.pt", train_tok.get("codebook"))
-        check_same("VQs", ckpt_path, ck.get("vq"), f"{args.out}/vq.pt", parts.get("vq_fingerprint"))
+        check_same("VQs", ckpt_path, ck.get("vq"), args.vq or f"{args.out}/vq.pt", parts.get("vq_fingerprint"))
         step, history = ck["step"], ck["history"]
         if "usage" in ck and rank == 0:  # the whole batch's counts; without them a resumed VQ would restart other codes
             usage.copy_(ck["usage"])
-    raw = model
+    raw, disc_ddp = model, disc
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if disc is not None:
+            disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         n = sum(p.numel() for p in raw.parameters())
         print(f"stage {args.stage}: {n / 1e6:.2f}M parameters, {pixel_size}px images, DiGIT grid {grid[0]}x{grid[1]}, "
@@ -537,7 +486,10 @@ def main(argv=None):
         check_weights_finite(raw, ckpt_path)
         extra = dict(pixel_size=pixel_size, grid=grid, digit_vocab=train_tok["vocab_size"], encoder=train_tok["encoder"],
                      layer=train_tok["layer"], image_size=train_tok["image_size"], metrics=metrics, usage=usage.cpu(),
-                     tokens=train_tok.get("codebook"), vq=parts.get("vq_fingerprint"), fingerprint=new_fingerprint())
+                     tokens=train_tok.get("codebook"), vq=parts.get("vq_fingerprint"), vq_path=parts.get("vq_path"),
+                     fingerprint=new_fingerprint())
+        if disc is not None:
+            extra.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict(), disc_history=disc_history)
         save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
                          config=vars(args), history=history, rng=rng_state(device), **extra), ckpt_path)
 
@@ -556,7 +508,7 @@ def main(argv=None):
         gen = seeded(args.seed, step)
         with autocast(device, dtype):
             if args.stage == "vq":
-                loss, z = vq_loss(model, x, args, parts["perceptual"], usage)
+                loss, z, rec = vq_loss(model, raw, x, args, parts, usage, step)
             elif args.stage == "maskgit":
                 loss = maskgit_loss(model, raw.mask_id, parts["vq"], x, digit, gen, args.batch_size, rank, world)
             else:
@@ -567,6 +519,13 @@ def main(argv=None):
         stop_if_not_finite(step, ckpt_path, loss=history[-1], grad_norm=float(grad_norm))  # before the update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if disc is not None and step >= args.disc_start:  # then the discriminator, on this batch (taming's alternation)
+            with autocast(device, dtype):
+                d_loss = disc_loss(disc_ddp, x, rec)
+            d_loss.backward()
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+            disc_history.append(float(all_reduce(d_loss.detach().clone())) / world)
         step += 1
         if args.stage == "vq" and step % args.restart_interval == 0:  # codes nobody used move onto live encoder outputs
             restart_dead_codes(raw, usage, z.detach(), gen)
@@ -613,7 +572,7 @@ def write_vq_tokens(vq, images, tok, split, fingerprint, pixel_size, out, device
     ids = torch.cat([vq_encode(vq, to_unit(x.to(device))).cpu() for x, _, _ in
                      tqdm(DataLoader(images, batch_size=64), desc=f"VQ tokens of {split}", leave=False)])
     vq.train()
-    codes = vq.codebook.num_embeddings
+    codes = vq.num_codes
     path = token_path(out, split, "vq")
     save_atomic(dict(tokens=ids.to(torch.int16 if codes <= 32767 else torch.int32), grid=tok["grid"], vocab_size=codes,
                      labels=tok.get("labels"), classes=tok["classes"], data=tok["data"], tokenizer="vq",

@@ -8,7 +8,8 @@ from PIL import Image
 
 from conftest import run_script
 from sample import filter_logits, generate
-from train_decoder import MaskGIT, VQModel
+from train_decoder import MaskGIT
+from vqgan import VQModel
 from train_gpt import GPT
 
 GRID, VOCAB, CLASSES = (3, 3), 20, ["zero", "one", "two"]

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import make_image_folder, run_script
 import train_decoder
-from train_decoder import MaskGIT, VQModel, decode, mask_count, psnr, random_mask, vq_decode, vq_encode
+from train_decoder import MaskGIT, decode, mask_count, psnr, random_mask
+from vqgan import VQModel, vq_decode, vq_encode
 
 
 def test_mask_schedule_counts():
@@ -137,7 +138,8 @@ def decoder_out(tmp_path_factory):
 
 
 def test_checkpoints_round_trip(decoder_out):
-    from train_decoder import load_decoder, load_vq
+    from train_decoder import load_decoder
+    from vqgan import load_vq
     vq, vq_ck = load_vq(os.path.join(decoder_out, "vq.pt"), torch.device("cpu"))
     dec, dec_ck = load_decoder(os.path.join(decoder_out, "decoder.pt"), torch.device("cpu"))
     assert vq_ck["step"] == 3 and dec_ck["step"] == 3
@@ -289,10 +291,13 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
             torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["vq", "maskgit", "direct"])
+@pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "direct"])
 def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes every
-    2 steps, so the code-use counts since the last restart must survive the checkpoint)."""
+    2 steps, so the code-use counts since the last restart must survive the checkpoint; with the GAN the
+    discriminator, its optimizer and its losses too)."""
+    gan = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1"] if stage == "vq+gan" else []
+    stage = stage.split("+")[0]
     runs = {}
     for name in ("straight", "parts"):
         out = tmp_path / name
@@ -301,7 +306,7 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
             os.link(os.path.join(decoder_out, f), out / f)
         args = ["--stage", stage, "--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4",
                 "--schedule", "constant", "--warmup-steps", "0", "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0",
-                "--restart-interval", "2", "--n-layer", "1", "--eval-interval", "100", "--token-corruption", "0.25"]  # + direct's noise
+                "--restart-interval", "2", "--n-layer", "1", "--eval-interval", "100", "--token-corruption", "0.25", *gan]
         if name == "straight":
             train_decoder.main([*args, "--max-steps", "6", "--force"])
         else:
@@ -314,6 +319,10 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     assert b["history"] == pytest.approx(a["history"], rel=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6)
+    if gan:
+        assert len(a["disc_history"]) == 4 and b["disc_history"] == pytest.approx(a["disc_history"], rel=1e-6)
+        for k in a["disc"]:
+            torch.testing.assert_close(b["disc"][k], a["disc"][k], rtol=1e-5, atol=1e-6)
 
 
 def test_latent_stability_on_the_tiny_run(decoder_out, tmp_path):
@@ -344,7 +353,7 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
     import sample
     import train_gpt
     from data import ImagesWithTokens, to_unit
-    from train_decoder import load_vq, vq_decode, vq_encode
+    from vqgan import load_vq, vq_decode, vq_encode
     out = tmp_path / "out"
     out.mkdir()
     for f in ("tokens_train.pt", "tokens_val.pt", "vq_tokens_train.pt", "vq_tokens_val.pt", "vq.pt", "codebook.pt"):
@@ -482,3 +491,73 @@ def test_direct_upper_bound_trains_on_continuous_features(decoder_out, tmp_path)
     m = train_decoder.main(["--stage", "direct", "--direct-input", "features", "--out", str(out), "--max-steps", "2", "--n-layer", "1",
                             "--batch-size", "4", "--workers", "0", "--perceptual", "0", "--precision", "fp32", "--eval-interval", "2"])
     assert (out / "direct_features.pt").exists() and not (out / "direct.pt").exists() and m["psnr"] > 0
+
+
+def test_gan_losses_move_the_right_way():
+    """The adversarial pieces on a tiny VQ: discriminator steps lower its hinge loss on (real, reconstruction) pairs;
+    generator steps on the adversarial term alone (D frozen) raise D's score of the reconstructions."""
+    from train_decoder import disc_loss, patch_discriminator
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    vq, disc = VQModel(levels=2, channels=16, codes=16, code_dim=8), patch_discriminator(2, channels=16)
+    d_opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    rec = vq(x)[0].detach()
+    d0 = disc_loss(disc, x, rec).item()
+    for _ in range(20):
+        d_opt.zero_grad()
+        disc_loss(disc, x, rec).backward()
+        d_opt.step()
+    assert disc_loss(disc, x, rec).item() < d0 - 0.1
+    g_opt = torch.optim.Adam(vq.parameters(), lr=1e-3)
+    d_opt.zero_grad(set_to_none=True)
+    disc.requires_grad_(False)
+    g0 = -disc(vq(x)[0]).mean().item()
+    for _ in range(20):
+        g_opt.zero_grad()
+        (-disc(vq(x)[0]).mean()).backward()
+        g_opt.step()
+    assert -disc(vq(x)[0]).mean().item() < g0 - 0.1
+    assert all(p.grad is None for p in disc.parameters())  # the generator's term never trained D
+
+
+def test_adaptive_weight_balances_gradient_norms():
+    """taming's weight = |grad nll| / |grad g| at the last layer: scaling the adversarial loss by c divides it by c."""
+    from train_decoder import adaptive_weight
+    w = torch.randn(4, 4, requires_grad=True)
+    nll, g = (w ** 2).sum(), (w * 3).sum()
+    lam = adaptive_weight(nll, g, w)
+    assert lam == pytest.approx(float((2 * w).detach().norm() / (torch.full((4, 4), 3.0).norm() + 1e-4)), rel=1e-5)
+    assert adaptive_weight(nll, 10 * g, w) == pytest.approx(float(lam) / 10, rel=1e-3)
+
+
+def test_maskgit_on_a_pretrained_vq(decoder_out, tmp_path):
+    """--stage maskgit --vq PATH learns a pretrained VQ's codes (MAGE's layout, the fixture's tiny weights) with no
+    --stage vq; decoder.pt names the file, sample.py renders through it, stability.py compares it; bad --vq fail."""
+    import sample
+    import stability
+    import train_gpt
+    from test_vqgan import write_checkpoint
+    from vqgan import load_vq
+    ckpt, fx = write_checkpoint(tmp_path, "mage", lambda sd: {"state_dict": sd})
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4"]
+    m = train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--max-steps", "2", "--n-layer", "1", *common])
+    assert 0 <= m["vq_token_acc"] <= 1
+    dec = torch.load(out / "decoder.pt", weights_only=True)
+    vq, info = load_vq(ckpt, "cpu", grid=(4, 4))
+    assert dec["vq_path"] == os.path.abspath(ckpt) and dec["vq"] == info["fingerprint"]
+    assert dec["pixel_size"] == 16 and dec["model_args"]["vq_codes"] == 64  # 4x4 DiGIT grid x MAGE's 4x downsampling
+    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32"])
+    sample.main(["--out", str(out), "--num-samples", "2", "--class", "0", "--device", "cpu"])
+    pngs = sorted(f for f in os.listdir(out / "samples") if f.endswith("_class0.png"))
+    assert len(pngs) == 2 and Image.open(out / "samples" / pngs[0]).size == (16, 16)
+    r = stability.main(["--out", str(out), "--vq", ckpt, "--images", "4", "--snrs", "20", "--device", "cpu"])
+    assert set(r["fair"]) == {"VQ", "DiGIT"}
+    for bad, msg in ((str(tmp_path), "is a folder"), (os.path.join(decoder_out, "tokens_val.pt"), "none of vq.pt")):
+        with pytest.raises(SystemExit, match=msg):
+            train_decoder.main(["--stage", "maskgit", "--vq", bad, "--max-steps", "1", "--n-layer", "1", "--force", *common])
+    with pytest.raises(SystemExit, match="use --pixel-size 16"):
+        train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--pixel-size", "32", "--max-steps", "1", "--force", *common])
