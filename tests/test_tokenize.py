@@ -149,3 +149,43 @@ def test_gallery_draws_patches_of_codes(tokenized):
     assert "token gallery" in p.stdout
     img = Image.open(os.path.join(out, "gallery.png"))
     assert img.size[0] == 2 + 10 * (42 + 2)  # 10 patches of 42 px (the patch + one patch of context) per row
+
+
+def test_views_are_crops_and_mirrors_and_view_0_is_the_plain_image(image_folder):
+    from data import image_transform, max_views, view_transform
+    from PIL import Image
+    img = Image.open(os.path.join(image_folder, "train", "disc", sorted(os.listdir(os.path.join(image_folder, "train", "disc")))[0])).convert("RGB")
+    plain = image_transform(56)(img)
+    assert torch.equal(view_transform(56, 0, True)(img), plain)
+    assert torch.equal(view_transform(56, 1, True)(img), plain.flip(-1))  # with flips: view 1 is the mirror image
+    digits = [view_transform(56, v, False)(img) for v in range(max_views(False))]  # no flips: centre + 4 corners
+    natural = [view_transform(56, v, True)(img) for v in range(max_views(True))]
+    assert all(v.shape == plain.shape for v in digits + natural)
+    assert all(not torch.equal(a, b) for i, a in enumerate(digits) for b in digits[i + 1:])  # 5 different crops
+    assert torch.equal(natural[2], digits[1]) and torch.equal(natural[6], digits[1].flip(-1))  # top-left crop, its mirror
+
+
+def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
+    """--views 3 reuses the codebook (the fit is unchanged), stores train tokens [N, 3, h*w] whose view 0 is the
+    plain tokens, leaves val alone; train_gpt.py trains on the views, probe and sample read view 0."""
+    out, _ = tokenized
+    for name in ("codebook.pt",):
+        os.link(os.path.join(out, name), tmp_path / name)
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "3")
+    assert "reusing" in p.stdout
+    plain, views = load(out, "tokens_train.pt"), load(tmp_path, "tokens_train.pt")
+    assert views["tokens"].shape == (len(plain["tokens"]), 3, plain["tokens"].shape[1]) and views["views"] == 3
+    assert views["view_flips"] is True  # an ImageFolder: mirrored views
+    assert torch.equal(views["tokens"][:, 0], plain["tokens"])
+    assert not torch.equal(views["tokens"][:, 1], plain["tokens"])  # the mirrored images have other tokens
+    assert torch.equal(load(tmp_path, "tokens_val.pt")["tokens"], load(out, "tokens_val.pt")["tokens"])
+    from data import load_tokens
+    assert torch.equal(load_tokens(str(tmp_path), "train")["tokens"], plain["tokens"])  # what probe/eval/decoders read
+    import train_gpt
+    train_gpt.main(["--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32",
+                    "--eval-interval", "2", "--eval-batches", "1"])
+    assert torch.load(tmp_path / "gpt.pt", weights_only=True)["views"] == 3
+    import probe
+    probe.main(["--out", str(tmp_path), "--epochs", "1", "--device", "cpu"])
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "6", "--no-view-flips", check=False)
+    assert p.returncode != 0 and "--views 6: at most 5 without flips" in p.stderr

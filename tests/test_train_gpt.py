@@ -189,3 +189,18 @@ def test_mismatched_token_files_are_one_line_errors(tmp_path):
     assert p.returncode != 0 and "other model settings" in p.stderr
     p = run_script("train_gpt.py", "--out", str(tmp_path / "empty"), check=False)
     assert p.returncode != 0 and "not found: run tokenize_kmeans.py" in p.stderr
+
+
+def test_views_are_drawn_by_the_step():
+    """pick_views: one view per row, a pure function of (seed, step) (resume and any world size see the same),
+    every view used, and plain [N, h*w] tokens pass through."""
+    from train_gpt import pick_views
+    tokens = torch.arange(10 * 4 * 3).view(10, 4, 3)  # 10 images, 4 views, 3 tokens; the value names the view
+    rows = torch.arange(10)
+    a, b = pick_views(tokens, rows, 7, 0), pick_views(tokens, rows, 7, 0)
+    assert torch.equal(a, b) and a.shape == (10, 3)
+    v = (a[:, 0] // 3) % 4  # which view each row got
+    assert not torch.equal(pick_views(tokens, rows, 8, 0), a)
+    seen = torch.cat([(pick_views(tokens, rows, s, 0)[:, 0] // 3) % 4 for s in range(20)])
+    assert set(seen.tolist()) == {0, 1, 2, 3} and set(v.tolist()) <= {0, 1, 2, 3}
+    assert torch.equal(pick_views(tokens[:, 0], rows, 7, 0), tokens[:, 0])
