@@ -10,6 +10,11 @@ stands in for ImageNet.
 
     python bench/paper_scale.py              # ~10 min on 2 CPU cores; writes bench/paper_scale.md
     python bench/paper_scale.py --nproc 2    # the training stages under torchrun with 2 gloo processes
+    python bench/paper_scale.py --vq-only    # only the pretrained VQs' table (MAGE's VQGAN, LlamaGen's VQ-16)
+
+The second table: encode and decode images/s and peak memory of the two pretrained pixel tokenizers at 256 px
+(full size, random weights: speed does not depend on their values), each in its own process, with the FLOP/s
+they reach as a fraction of this machine's fp32 matmul peak measured in the same process.
 """
 import argparse
 import os
@@ -29,7 +34,45 @@ p.add_argument("--nproc", type=int, default=1, help="processes for the torchrun-
 p.add_argument("--train-images", type=int, default=40, help="synthetic train images (>= 32: K = 8192 needs 8192 patches) (default: %(default)s)")
 p.add_argument("--keep", default=None, help="keep the run's files in this folder (default: a temporary folder)")
 p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_scale.md"))
+p.add_argument("--vq-only", action="store_true", help="only measure the pretrained VQs; the stage table in --out is kept")
+p.add_argument("--measure-vq", choices=["mage", "llamagen"], help=argparse.SUPPRESS)  # the child process of one VQ row
+p.add_argument("--vq-batch", type=int, default=4, help="images per encode/decode call (default: %(default)s)")
 args = p.parse_args()
+VQ_TITLE = "## Pretrained pixel tokenizers at 256 px"
+
+
+def measure_vq(kind, batch, reps=3):
+    """One pretrained VQ at full size: encode and decode images/s, GFLOP per image, and the fraction of the fp32
+    matmul peak (measured here) that it reaches. Prints one line the parent parses."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, ROOT)
+    from common import matmul_flops
+    from vqgan import LlamaGenVQ, MageVQGAN, vq_decode, vq_encode
+    torch.manual_seed(0)
+    vq = (MageVQGAN() if kind == "mage" else LlamaGenVQ()).eval().requires_grad_(False)
+    x = torch.rand(batch, 3, 256, 256) * 2 - 1
+    result = {}
+    with torch.no_grad():
+        ids = vq_encode(vq, x)
+        for name, fn in (("encode", lambda: vq_encode(vq, x)), ("decode", lambda: vq_decode(vq, ids, (16, 16)))):
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sec = (time.perf_counter() - t) / reps
+            result[name] = (batch / sec, fc.get_total_flops() / batch / 1e9)
+    peak = matmul_flops(torch.device("cpu"), torch.float32)
+    params = sum(p.numel() for p in vq.parameters()) / 1e6
+    enc, dec = result["encode"], result["decode"]
+    print(f"RESULT {params:.1f} {enc[0]:.2f} {enc[1]:.1f} {dec[0]:.2f} {dec[1]:.1f} {peak / 1e9:.0f} "
+          f"{enc[0] * enc[1] / (peak / 1e9):.3f} {dec[0] * dec[1] / (peak / 1e9):.3f}")
+
+
+if args.measure_vq:
+    measure_vq(args.measure_vq, args.vq_batch)
+    sys.exit(0)
 
 
 def synthetic_imagefolder(root, n_train, n_val):
@@ -68,6 +111,35 @@ def run(name, script, *flags, nproc=1):
     return seconds, usage.ru_maxrss / 2**20, rate, log
 
 
+def vq_table():
+    """Rows of the pretrained-VQ table, each VQ measured in a child process (its own peak RSS)."""
+    rows = ["| pixel tokenizer (full size, 256 px, 16x16 codes) | parameters | encode img/s | GFLOP/img | decode img/s | "
+            "GFLOP/img | peak RSS GB | fraction of fp32 matmul peak (enc / dec) |", "|---|---|---|---|---|---|---|---|"]
+    for kind, name in (("mage", "MAGE's VQGAN (the paper's; 1,024 x 256-d codes)"), ("llamagen", "LlamaGen's VQ-16 (16,384 x 8-d codes)")):
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--measure-vq", kind, "--vq-batch", str(args.vq_batch)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        log = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        line = [l for l in log.splitlines() if l.startswith("RESULT ")]
+        if status != 0 or not line:
+            print(log[-3000:])
+            sys.exit(f"measuring {kind} failed")
+        params, enc, enc_gf, dec, dec_gf, peak, enc_frac, dec_frac = line[0].split()[1:]
+        rows.append(f"| {name} | {params}M | {enc} | {enc_gf} | {dec} | {dec_gf} | {usage.ru_maxrss / 2**20:.2f} | "
+                    f"{float(enc_frac):.0%} / {float(dec_frac):.0%} of {peak} GFLOP/s |")
+        print(rows[-1], flush=True)
+    import torch
+    return [VQ_TITLE, "", f"Batch {args.vq_batch}, {os.cpu_count()} CPU threads, fp32, torch {torch.__version__}, random weights "
+            "(`python bench/paper_scale.py --vq-only`). Encode = encoder + nearest code; decode = code lookup + decoder.", "", *rows]
+
+
+if args.vq_only:
+    old = open(args.out).read().split(VQ_TITLE)[0].rstrip("\n") if os.path.exists(args.out) else ""
+    with open(args.out, "w") as f:
+        f.write((old + "\n\n" if old else "") + "\n".join(vq_table()) + "\n")
+    print(f"-> {args.out}")
+    sys.exit(0)
+
 work = args.keep or tempfile.mkdtemp(prefix="digit_paper_")
 data, out = os.path.join(work, "imagenet_standin"), os.path.join(work, "out")
 shutil.rmtree(out, ignore_errors=True)
@@ -99,7 +171,7 @@ lines = [f"Paper-scale smoke run ({os.cpu_count()} CPU threads, {n} process(es),
          f"{args.train_images} synthetic train images): every stage at the ImageNet recipe's shapes for a couple of steps.", "",
          "| stage | wall s (incl. start-up) | peak RSS GB (largest process) | rate, as tqdm last showed it |", "|---|---|---|---|", *rows,
          "", "Rates of the training stages are over their 2 steps, so they include the first step's warm-up and the "
-         "evaluation at the last step; bench/train_gpt.md has clean per-step figures for the base GPT."]
+         "evaluation at the last step; bench/train_gpt.md has clean per-step figures for the base GPT.", "", *vq_table()]
 with open(args.out, "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))
