@@ -58,8 +58,8 @@ def get_args(argv=None):
     a("--perceptual", type=nonneg_float, default=0.1, help="weight of the DINOv2 feature loss (0: off) (default: %(default)s)")
     a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block whose features the perceptual loss compares (default: %(default)s)")
     a("--restart-interval", type=positive_int, default=50, help="steps between restarts of unused VQ codes (default: %(default)s)")
-    a("--disc-weight", type=nonneg_float, default=0.0, help="weight of the adversarial term: a PatchGAN with a hinge loss, scaled "
-      "by taming's adaptive weight (VQGAN, Esser et al. 2021); 0: off (default: %(default)s)")
+    a("--disc-weight", type=nonneg_float, default=0.0, help="vq and direct: weight of the adversarial term, a PatchGAN with a hinge "
+      "loss, scaled by taming's adaptive weight (VQGAN, Esser et al. 2021; RAE uses one too); 0: off (default: %(default)s)")
     a("--disc-start", type=nonneg_int, default=0, help="step at which the discriminator starts to train and to count (default: %(default)s)")
     a("--disc-layers", type=positive_int, default=3, help="strided conv layers of the PatchGAN (its receptive field) (default: %(default)s)")
     a = p.add_argument_group("MaskGIT decoder (--stage maskgit) and direct decoder (--stage direct)").add_argument
@@ -341,13 +341,15 @@ def build_direct(args, grid, train_tok, device):
     model = DirectDecoder(**model_args)
     model.centroids.copy_(cb["centroids"])
     perceptual = DinoPerceptual(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual > 0 else None
-    return model.to(device), model_args, pixel_size, dict(perceptual=perceptual, scale=float(cb["centroids"].std()))
+    disc = patch_discriminator(args.disc_layers).to(device) if args.disc_weight > 0 else None
+    return model.to(device), model_args, pixel_size, dict(perceptual=perceptual, disc=disc, scale=float(cb["centroids"].std()))
 
 
-def direct_loss(model, raw, x, digit, gen, args, parts, rank, world):
-    """Pixel loss (+ perceptual) of the picture painted from the DiGIT tokens, with the training augmentations drawn
-    for the whole global batch (this rank uses its slice): Gaussian noise of std ~ U(0, --feature-noise) x the
-    centroids' std on the embeddings, and --token-corruption of the ids replaced by random ids."""
+def direct_loss(model, raw, x, digit, gen, args, parts, rank, world, step):
+    """Pixel loss (+ perceptual, + adversarial) of the picture painted from the DiGIT tokens, with the training
+    augmentations drawn for the whole global batch (this rank uses its slice): Gaussian noise of std ~ U(0,
+    --feature-noise) x the centroids' std on the embeddings, and --token-corruption of the ids replaced by random
+    ids. Returns the loss and the picture (for the discriminator's step)."""
     B, L = args.batch_size, digit.shape[1]
     sigma = torch.rand(B, 1, 1, generator=gen) * args.feature_noise * parts["scale"]
     noise = torch.randn(B, L, raw.centroids.shape[1], generator=gen) * sigma
@@ -362,7 +364,7 @@ def direct_loss(model, raw, x, digit, gen, args, parts, rank, world):
     loss = F.l1_loss(rec, x) if args.pixel_loss == "l1" else F.mse_loss(rec, x)
     if parts["perceptual"] is not None:
         loss = loss + args.perceptual * parts["perceptual"](rec, x)
-    return loss
+    return loss + adversarial_term(loss, rec, raw.head.weight, args, parts, step), rec
 
 
 def vq_loss(model, raw, x, args, parts, usage, step):
@@ -373,12 +375,7 @@ def vq_loss(model, raw, x, args, parts, usage, step):
     nll = F.mse_loss(rec, x)
     if parts["perceptual"] is not None:
         nll = nll + args.perceptual * parts["perceptual"](rec, x)
-    loss = nll + cb_loss + args.commit * commit_loss
-    if parts["disc"] is not None and step >= args.disc_start:
-        parts["disc"].requires_grad_(False)  # the generator's term: gradients reach the VQ through D, not D itself
-        g_loss = -parts["disc"](rec).mean()
-        parts["disc"].requires_grad_(True)
-        loss = loss + args.disc_weight * adaptive_weight(nll, g_loss, raw.decoder[-1].weight) * g_loss
+    loss = nll + cb_loss + args.commit * commit_loss + adversarial_term(nll, rec, raw.decoder[-1].weight, args, parts, step)
     usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=usage.device))
     return loss, z, rec
 
@@ -395,11 +392,24 @@ def patch_discriminator(layers, channels=64):
     return nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
 
 
+def adversarial_term(nll, rec, last_layer, args, parts, step):
+    """The generator's share of the GAN (--disc-weight, from --disc-start on): -D(rec), weighted adaptively."""
+    if parts.get("disc") is None or step < args.disc_start:
+        return 0.0
+    parts["disc"].requires_grad_(False)  # gradients reach the generator through D, not D itself
+    g_loss = -parts["disc"](rec).mean()
+    parts["disc"].requires_grad_(True)
+    return args.disc_weight * adaptive_weight(nll, g_loss, last_layer) * g_loss
+
+
 def adaptive_weight(nll, g_loss, last_layer):
     """taming's balance of the two losses: the ratio of their gradient norms at the decoder's last layer, so
     the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq. 7)."""
     g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if dist.is_initialized():  # the whole global batch's gradients: the same weight for any number of ranks
+        dist.all_reduce(g1)
+        dist.all_reduce(g2)
     return (g1.norm() / (g2.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
@@ -512,7 +522,7 @@ def main(argv=None):
             elif args.stage == "maskgit":
                 loss = maskgit_loss(model, raw.mask_id, parts["vq"], x, digit, gen, args.batch_size, rank, world)
             else:
-                loss = direct_loss(model, raw, x, digit, gen, args, parts, rank, world)
+                loss, rec = direct_loss(model, raw, x, digit, gen, args, parts, rank, world, step)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         history.append(float(all_reduce(loss.detach().clone())) / world)

@@ -35,7 +35,7 @@ p.add_argument("--train-images", type=int, default=40, help="synthetic train ima
 p.add_argument("--keep", default=None, help="keep the run's files in this folder (default: a temporary folder)")
 p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_scale.md"))
 p.add_argument("--vq-only", action="store_true", help="only measure the pretrained VQs; the stage table in --out is kept")
-p.add_argument("--measure-vq", choices=["mage", "llamagen"], help=argparse.SUPPRESS)  # the child process of one VQ row
+p.add_argument("--measure-vq", choices=["mage", "llamagen", "direct"], help=argparse.SUPPRESS)  # the child process of one row
 p.add_argument("--vq-batch", type=int, default=4, help="images per encode/decode call (default: %(default)s)")
 args = p.parse_args()
 VQ_TITLE = "## Pretrained pixel tokenizers at 256 px"
@@ -48,14 +48,21 @@ def measure_vq(kind, batch, reps=3):
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, ROOT)
     from common import matmul_flops
+    from train_decoder import DirectDecoder, direct_render
+    from train_gpt import MODELS
     from vqgan import LlamaGenVQ, MageVQGAN, vq_decode, vq_encode
     torch.manual_seed(0)
-    vq = (MageVQGAN() if kind == "mage" else LlamaGenVQ()).eval().requires_grad_(False)
+    if kind == "direct":  # the direct decoder's base configuration: 16x16 DiGIT tokens (K = 8192, ViT-B 768-d) -> 256 px
+        vq = DirectDecoder(vocab=8192, dim=768, grid=(16, 16), patch=16, **MODELS["base"]).eval().requires_grad_(False)
+    else:
+        vq = (MageVQGAN() if kind == "mage" else LlamaGenVQ()).eval().requires_grad_(False)
     x = torch.rand(batch, 3, 256, 256) * 2 - 1
-    result = {}
+    result = {"encode": (float("nan"), float("nan"))}
     with torch.no_grad():
-        ids = vq_encode(vq, x)
-        for name, fn in (("encode", lambda: vq_encode(vq, x)), ("decode", lambda: vq_decode(vq, ids, (16, 16)))):
+        ids = torch.randint(8192, (batch, 256)) if kind == "direct" else vq_encode(vq, x)
+        steps = [("decode", lambda: direct_render(vq, ids))] if kind == "direct" else \
+            [("encode", lambda: vq_encode(vq, x)), ("decode", lambda: vq_decode(vq, ids, (16, 16)))]
+        for name, fn in steps:
             with FlopCounterMode(display=False) as fc:
                 fn()
             t = time.perf_counter()
@@ -115,7 +122,8 @@ def vq_table():
     """Rows of the pretrained-VQ table, each VQ measured in a child process (its own peak RSS)."""
     rows = ["| pixel tokenizer (full size, 256 px, 16x16 codes) | parameters | encode img/s | GFLOP/img | decode img/s | "
             "GFLOP/img | peak RSS GB | fraction of fp32 matmul peak (enc / dec) |", "|---|---|---|---|---|---|---|---|"]
-    for kind, name in (("mage", "MAGE's VQGAN (the paper's; 1,024 x 256-d codes)"), ("llamagen", "LlamaGen's VQ-16 (16,384 x 8-d codes)")):
+    for kind, name in (("mage", "MAGE's VQGAN (the paper's; 1,024 x 256-d codes)"), ("llamagen", "LlamaGen's VQ-16 (16,384 x 8-d codes)"),
+                       ("direct", "for comparison: the direct decoder, base (16 x 1024), DiGIT ids -> pixels")):
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--measure-vq", kind, "--vq-batch", str(args.vq_batch)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         log = proc.stdout.read()
@@ -125,12 +133,14 @@ def vq_table():
             print(log[-3000:])
             sys.exit(f"measuring {kind} failed")
         params, enc, enc_gf, dec, dec_gf, peak, enc_frac, dec_frac = line[0].split()[1:]
+        enc, enc_gf, enc_frac = ("-", "-", "-") if enc == "nan" else (enc, enc_gf, f"{float(enc_frac):.0%}")
         rows.append(f"| {name} | {params}M | {enc} | {enc_gf} | {dec} | {dec_gf} | {usage.ru_maxrss / 2**20:.2f} | "
-                    f"{float(enc_frac):.0%} / {float(dec_frac):.0%} of {peak} GFLOP/s |")
+                    f"{enc_frac} / {float(dec_frac):.0%} of {peak} GFLOP/s |")
         print(rows[-1], flush=True)
     import torch
     return [VQ_TITLE, "", f"Batch {args.vq_batch}, {os.cpu_count()} CPU threads, fp32, torch {torch.__version__}, random weights "
-            "(`python bench/paper_scale.py --vq-only`). Encode = encoder + nearest code; decode = code lookup + decoder.", "", *rows]
+            "(`python bench/paper_scale.py --vq-only`). Encode = encoder + nearest code; decode = code lookup + decoder "
+            "(for the direct decoder: ids -> pixels in one pass, what replaces MaskGIT + VQ decoder).", "", *rows]
 
 
 if args.vq_only:
@@ -154,6 +164,7 @@ STAGES = [  # (name, script, flags): the README recipe's settings, steps and bat
      ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"]),
     ("train_decoder.py --stage vq (256 px, 8192 codes)", "train_decoder.py", ["--stage", "vq", "--vq-codes", "8192", *dec]),
     ("train_decoder.py --stage maskgit --model base", "train_decoder.py", ["--stage", "maskgit", "--model", "base", *dec]),
+    ("train_decoder.py --stage direct --model base (256 px)", "train_decoder.py", ["--stage", "direct", "--model", "base", *dec]),
     ("sample.py (2 classes x 1, CFG 4, top-k 300)", "sample.py",
      ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300", "--batch-size", "1"]),
     ("probe.py", "probe.py", ["--out", out, "--epochs", "2"]),

@@ -269,7 +269,8 @@ def random_inception_weights(seed=0):
 
 def test_decoder_two_processes_match_one(decoder_out, tmp_path):
     """Both stages under torchrun with 2 gloo processes end where 1 process ends: same global batches,
-    masks drawn for the global batch, dead VQ codes restarted from the whole batch."""
+    masks drawn for the global batch, dead VQ codes restarted from the whole batch, the GAN's adaptive weight
+    taken from the whole batch's gradients."""
     runs = {}
     for nproc in (None, 2):
         out = tmp_path / f"p{nproc}"
@@ -280,7 +281,7 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
         common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4", "--max-steps", "4",
                   "--warmup-steps", "0"]
         run_script("train_decoder.py", "--stage", "vq", "--vq-channels", "16", "--vq-codes", "64", "--perceptual", "0",
-                   "--restart-interval", "2", *common, nproc=nproc)
+                   "--restart-interval", "2", "--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1", *common, nproc=nproc)
         run_script("train_decoder.py", "--stage", "maskgit", "--n-layer", "1", *common, nproc=nproc)
         runs[nproc] = [torch.load(out / f, weights_only=True) for f in ("vq.pt", "decoder.pt")]
     for one, two in zip(runs[None], runs[2]):
@@ -289,14 +290,17 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
         # gradient's size) can enlarge that to ~1e-5; another batch or mask would move weights by ~1e-3
         for k in one["model"]:
             torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)
+    assert runs[2][0]["disc_history"] == pytest.approx(runs[None][0]["disc_history"], rel=1e-4)
+    for k in runs[None][0]["disc"]:
+        torch.testing.assert_close(runs[2][0]["disc"][k], runs[None][0]["disc"][k], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "direct"])
+@pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "direct", "direct+gan"])
 def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes every
     2 steps, so the code-use counts since the last restart must survive the checkpoint; with the GAN the
     discriminator, its optimizer and its losses too)."""
-    gan = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1"] if stage == "vq+gan" else []
+    gan = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1"] if stage.endswith("+gan") else []
     stage = stage.split("+")[0]
     runs = {}
     for name in ("straight", "parts"):
