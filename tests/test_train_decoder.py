@@ -427,10 +427,12 @@ def test_direct_noise_and_corruption_only_in_training():
     parts = dict(perceptual=None, scale=float(model.centroids.std()))
     args = lambda noise, corrupt: SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
     with torch.no_grad():
-        plain = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1)
+        plain, rec = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1, 0)
         torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
+        torch.testing.assert_close(rec, model(ids))
         for noise, corrupt in ((0.8, 0.0), (0.0, 0.5)):
-            assert abs(float(direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1) - plain)) > 1e-4
+            loss, _ = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1, 0)
+            assert abs(float(loss - plain)) > 1e-4
         assert torch.equal(model(ids), model(ids))
 
 
