@@ -103,6 +103,45 @@ def psnr(a, b):
 
 
 # ----------------------------------------------------------------------------- part 1: the pixel VQ (its model: vqgan.py)
+# What its training adds to MSE (for the direct decoder too): a PatchGAN, as VQGAN (Esser et al. 2021).
+
+def patch_discriminator(layers, channels=64):
+    """PatchGAN (pix2pix, Isola et al. 2017; taming's NLayerDiscriminator): strided 4x4 convs, one real/fake
+    logit per image patch, so it judges texture and edges that an MSE loss leaves blurry."""
+    mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+    for i in range(1, layers + 1):
+        c_out = channels * min(2 ** i, 8)
+        # GroupNorm where taming has BatchNorm: per-image statistics keep a run the same for any number of ranks
+        mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(32, c_out), nn.LeakyReLU(0.2)]
+        c = c_out
+    return nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
+
+
+def adversarial_term(nll, rec, last_layer, args, parts, step):
+    """The generator's share of the GAN (--disc-weight, from --disc-start on): -D(rec), weighted adaptively."""
+    if parts.get("disc") is None or step < args.disc_start:
+        return 0.0
+    parts["disc"].requires_grad_(False)  # gradients reach the generator through D, not D itself
+    g_loss = -parts["disc"](rec).mean()
+    parts["disc"].requires_grad_(True)
+    return args.disc_weight * adaptive_weight(nll, g_loss, last_layer) * g_loss
+
+
+def adaptive_weight(nll, g_loss, last_layer):
+    """taming's balance of the two losses: the ratio of their gradient norms at the decoder's last layer, so
+    the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq. 7)."""
+    g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if dist.is_initialized():  # the whole global batch's gradients: the same weight for any number of ranks
+        dist.all_reduce(g1)
+        dist.all_reduce(g2)
+    return (g1.norm() / (g2.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def disc_loss(disc, x, rec):
+    """Hinge loss of the discriminator on real images and (detached) reconstructions."""
+    return 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean())
+
 
 # ----------------------------------------------------------------------------- part 2: the MaskGIT-style decoder
 
@@ -378,44 +417,6 @@ def vq_loss(model, raw, x, args, parts, usage, step):
     loss = nll + cb_loss + args.commit * commit_loss + adversarial_term(nll, rec, raw.decoder[-1].weight, args, parts, step)
     usage.index_add_(0, ids.flatten(), torch.ones(ids.numel(), device=usage.device))
     return loss, z, rec
-
-
-def patch_discriminator(layers, channels=64):
-    """PatchGAN (pix2pix, Isola et al. 2017; taming's NLayerDiscriminator): strided 4x4 convs, one real/fake
-    logit per image patch, so it judges texture and edges that an MSE loss leaves blurry."""
-    mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
-    for i in range(1, layers + 1):
-        c_out = channels * min(2 ** i, 8)
-        # GroupNorm where taming has BatchNorm: per-image statistics keep a run the same for any number of ranks
-        mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(32, c_out), nn.LeakyReLU(0.2)]
-        c = c_out
-    return nn.Sequential(*mods, nn.Conv2d(c, 1, 4, 1, 1))
-
-
-def adversarial_term(nll, rec, last_layer, args, parts, step):
-    """The generator's share of the GAN (--disc-weight, from --disc-start on): -D(rec), weighted adaptively."""
-    if parts.get("disc") is None or step < args.disc_start:
-        return 0.0
-    parts["disc"].requires_grad_(False)  # gradients reach the generator through D, not D itself
-    g_loss = -parts["disc"](rec).mean()
-    parts["disc"].requires_grad_(True)
-    return args.disc_weight * adaptive_weight(nll, g_loss, last_layer) * g_loss
-
-
-def adaptive_weight(nll, g_loss, last_layer):
-    """taming's balance of the two losses: the ratio of their gradient norms at the decoder's last layer, so
-    the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq. 7)."""
-    g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    if dist.is_initialized():  # the whole global batch's gradients: the same weight for any number of ranks
-        dist.all_reduce(g1)
-        dist.all_reduce(g2)
-    return (g1.norm() / (g2.norm() + 1e-4)).clamp(0, 1e4).detach()
-
-
-def disc_loss(disc, x, rec):
-    """Hinge loss of the discriminator on real images and (detached) reconstructions."""
-    return 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean())
 
 
 def maskgit_loss(model, mask_id, vq, x, digit, gen, batch_size, rank, world):
