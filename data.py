@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from common import check_same, fail, load_artifact
+from artifacts import check_lineage, expect, load_artifact
+from common import fail
 
 DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))  # wheels and converted weights
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -72,6 +73,17 @@ def view_transform(image_size, view, flips):
     if "flip" in name:
         steps.append(transforms.RandomHorizontalFlip(p=1.0))
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class AllViews:
+    """Every view of one decoded image, stacked [V, 3, S, S]: a JPEG is decoded once for all its views
+    (as LlamaGen's ten-crop), not once per view. A class, not a lambda: loader workers pickle it."""
+
+    def __init__(self, image_size, views, flips):
+        self.transforms = [view_transform(image_size, v, flips) for v in range(views)]
+
+    def __call__(self, img):
+        return torch.stack([t(img) for t in self.transforms])
 
 
 def max_views(flips):
@@ -202,64 +214,86 @@ def collate_skip(batch):
     return imgs, torch.tensor([b[1] for b in good]), torch.tensor([b[2] for b in good]), bad
 
 
-# ----------------------------------------------------------------------------- token files (DESIGN.md's contract)
+# ----------------------------------------------------------------------------- token files (docs/FILES.md)
 
-TOKENIZERS = ("digit", "vq")  # DiGIT's K-means ids, or the pixel VQ's codes of the same images (the paper's baseline)
+TOKENIZERS = ("digit", "vq")  # DiGIT's K-means ids, or the pixel VQ's codes of the same images (the baseline)
 
 
 def token_path(out, split, tokenizer="digit"):
-    """tokens_<split>.pt (tokenize_kmeans.py) or vq_tokens_<split>.pt (train_decoder.py --stage vq writes them)."""
+    """tokens_<split>.pt (tokenize_kmeans.py) or vq_tokens_<split>.pt (train_vq.py writes them)."""
     return os.path.join(out, f"{'vq_' if tokenizer == 'vq' else ''}tokens_{split}.pt")
 
 
 def load_tokens(out, split, tokenizer="digit", views=False):
-    """A token file; tokens [N, h*w] of the un-augmented images, or with views=True (train_gpt.py) every stored
-    view, [N, V, h*w] (tokenize_kmeans.py --views)."""
+    """A token file; tokens [N, h*w] of the un-augmented images, or with views=True (train_gpt.py) every
+    stored view, [N, V, h*w] (tokenize_kmeans.py --views)."""
     hint = (f"run tokenize_kmeans.py --out {out} first" if tokenizer == "digit" else
-            f"run train_decoder.py --stage vq --out {out} first (it writes them when it ends; --resume of a finished VQ only writes them)")
+            f"run train_vq.py --out {out} first (it writes them when it ends)")
     tok = load_artifact(token_path(out, split, tokenizer), hint)
     return tok if views else base_view(tok)
 
 
+def load_token_files(out, tokenizer="digit", views=False):
+    """(train, val) token files, checked against each other (check_tokens)."""
+    train = load_tokens(out, "train", tokenizer, views)
+    val = load_tokens(out, "val", tokenizer)
+    check_tokens(train, val, out)
+    return train, val
+
+
 def base_view(tok):
-    """The token file with tokens [N, h*w] of view 0, the un-augmented image (what probe, eval and the decoders
-    use); files made with --views hold [N, V, h*w]."""
+    """The token file with tokens [N, h*w] of view 0, the un-augmented image (what probe, eval and the
+    decoders use); files made with --views hold [N, V, h*w]."""
     t = tok.get("tokens") if isinstance(tok, dict) else None
-    return dict(tok, tokens=t[:, 0]) if t is not None and t.ndim == 3 else tok
+    return dict(tok, tokens=t[:, 0]) if isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[1] else tok
 
 
 def add_tokenizer_arg(group):
     """--tokenizer: which token files a stage reads (and which GPT it trains or uses), declared once."""
     group.add_argument("--tokenizer", default="digit", choices=TOKENIZERS,
-                       help="digit: DiGIT's tokens (tokens_*.pt, gpt.pt); vq: the pixel VQ's codes of the same images "
-                            "(vq_tokens_*.pt, gpt_vq.pt), the paper's baseline for the same GPT (default: %(default)s)")
+                       help="digit: tokens_*.pt, gpt.pt; vq: vq_tokens_*.pt, gpt_vq.pt (default: %(default)s)")
 
 
-def check_tokens(train, val, path):
-    """The two token files must agree with each other (and the ids with the vocabulary)."""
+def check_token_file(t, path):
+    """One token file is what it says: integer ids in [0, vocab) of the grid, one label and one image index
+    per row. Anything else is a one-line error naming the file."""
+    expect(isinstance(t, dict) and isinstance(t.get("tokens"), torch.Tensor) and "grid" in t and "vocab_size" in t,
+           path, "no tokens / grid / vocab_size")
+    h, w = t["grid"]
+    x = t["tokens"]
+    expect(not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool, path,
+           f"token ids are {x.dtype}, not integers")
+    expect(x.ndim in (2, 3) and x.shape[-1] == h * w and (x.ndim == 2 or x.shape[1] >= 1), path,
+           f"tokens of shape {tuple(x.shape)}, not [N, {h * w}] (or [N, views >= 1, {h * w}]) for grid {h}x{w}")
+    if x.numel():
+        expect(int(x.min()) >= 0 and int(x.max()) < t["vocab_size"], path,
+               f"ids from {int(x.min())} to {int(x.max())}, outside 0..{t['vocab_size'] - 1}")
+    labels = t.get("labels")
+    if labels is not None:
+        expect(isinstance(labels, torch.Tensor) and labels.shape == (len(x),), path,
+               f"{len(labels)} labels for {len(x)} rows of tokens")
+        expect(not len(labels) or int(labels.min()) >= 0, path, "negative labels")
+    index = (t.get("data") or {}).get("index")
+    expect(index is None or len(index) == len(x), path, f"{len(index) if index is not None else 0} image indices "
+           f"for {len(x)} rows of tokens")
+
+
+def check_tokens(train, val, out):
+    """The two token files of --out: each well formed, both from the same tokenizer (lineage)."""
     pre = "vq_" if train.get("tokenizer") == "vq" else ""
-    for key in ("vocab_size", "grid", "encoder", "layer", "image_size"):
-        if train[key] != val[key]:
-            fail(f"{pre}tokens_train.pt and {pre}tokens_val.pt in {path} disagree on {key}: {train[key]} vs {val[key]}")
-    # e.g. a tokenizer killed between the two files, or a val file from another fit with the same K
-    check_same("codebooks", f"{path}/{pre}tokens_train.pt", train.get("codebook"), f"{path}/{pre}tokens_val.pt", val.get("codebook"))
-    h, w = train["grid"]
-    for name, t in (("train", train), ("val", val)):
-        if t["tokens"].ndim not in (2, 3) or t["tokens"].shape[-1] != h * w:
-            fail(f"{pre}tokens_{name}.pt holds tokens of shape {tuple(t['tokens'].shape)}, not [N, {h * w}] (or [N, views, {h * w}]) "
-                 f"for grid {h}x{w}")
-        if len(t["tokens"]) and int(t["tokens"].max()) >= t["vocab_size"]:
-            fail(f"{pre}tokens_{name}.pt has id {int(t['tokens'].max())} >= vocab_size {t['vocab_size']}")
+    check_token_file(train, f"{out}/{pre}tokens_train.pt")
+    check_token_file(val, f"{out}/{pre}tokens_val.pt")
+    check_lineage(f"{out}/{pre}tokens_train.pt", train, f"{out}/{pre}tokens_val.pt", val)
 
 
 def load_codebook(out, tok, split):
-    """codebook.pt, checked to be the tokenizer that made the token file tok (tokens_<split>.pt): same fit
-    (fingerprint), encoder, block, image size and vocabulary."""
-    cb = load_artifact(os.path.join(out, "codebook.pt"), f"run tokenize_kmeans.py --out {out} first")
-    check_same("codebooks", f"{out}/codebook.pt", cb.get("fingerprint"), f"{out}/tokens_{split}.pt", tok.get("codebook"))
-    if (cb["encoder"], cb["layer"], cb["image_size"], len(cb["centroids"])) != (tok["encoder"], tok["layer"], tok["image_size"], tok["vocab_size"]):
-        fail(f"{out}/codebook.pt ({cb['encoder']}, block {cb['layer']}, {cb['image_size']} px, K={len(cb['centroids'])}) is not the "
-             f"tokenizer of tokens_{split}.pt ({tok['encoder']}, block {tok['layer']}, {tok['image_size']} px, K={tok['vocab_size']})")
+    """codebook.pt, checked to be the tokenizer that made the token file tok (tokens_<split>.pt)."""
+    path = os.path.join(out, "codebook.pt")
+    cb = load_artifact(path, f"run tokenize_kmeans.py --out {out} first")
+    expect(isinstance(cb, dict) and isinstance(cb.get("centroids"), torch.Tensor) and cb["centroids"].ndim == 2,
+           path, "no centroids [K, D]")
+    expect(bool(torch.isfinite(cb["centroids"]).all()), path, "centroids hold NaN/inf")
+    check_lineage(path, cb, f"{out}/tokens_{split}.pt", tok)
     return cb
 
 

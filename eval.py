@@ -34,9 +34,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows, init_distributed,
-                    load_artifact, parser, positive_int, prepare_out, rank_world)
-from data import IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_tokens, pixel_transform
+from artifacts import load_artifact, prepare_out
+from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows,
+                    init_distributed, parser, positive_int, rank_world)
+from data import IMAGENET_MEAN, IMAGENET_STD, dataset_for_tokens, load_token_files, pixel_transform
 from dinov2 import ENCODERS, dinov2_features, load_encoder
 
 
@@ -364,8 +365,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
-    train_tok, val_tok = load_tokens(args.out, "train"), load_tokens(args.out, "val")
-    check_tokens(train_tok, val_tok, args.out)
+    train_tok, val_tok = load_token_files(args.out)
     results = {}
     args.dtype = autocast_dtype(args.precision, device)
     for key, folder in (("rendered", args.rendered), ("rendered_vq", args.vq_rendered), ("generative", args.samples),

@@ -13,6 +13,6 @@ OUT="${DIGIT_OUT:-out_photos}"
 [ -d "$OUT/crops/val" ] || python stability.py --write-photos "$OUT/crops"
 [ -e "$OUT/codebook.pt" ] || python tokenize_kmeans.py --data "$OUT/crops" --out "$OUT" --encoder dinov2_vits14_offline \
     --image-size 112 --k 512
-[ -e "$OUT/vq_tokens_val.pt" ] || python train_decoder.py --stage vq --out "$OUT" --pixel-size 128 --max-steps 300 --lr 1e-3 --batch-size 16 \
+[ -e "$OUT/vq_tokens_val.pt" ] || python train_vq.py --out "$OUT" --pixel-size 128 --max-steps 300 --lr 1e-3 --batch-size 16 \
     --vq-channels 16 --vq-codes 512 --perceptual 0 --eval-interval 300 --ckpt-interval 100 $([ -e "$OUT/vq.pt" ] && echo --resume)
 python stability.py --out "$OUT" --images 200

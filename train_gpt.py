@@ -9,8 +9,17 @@ make classifier-free guidance possible at sampling time.
 Run (reads out/tokens_{train,val}.pt, writes out/gpt.pt):
     python train_gpt.py                                   # demo: tiny GPT on MNIST tokens, CPU
     python train_gpt.py --tokenizer vq                    # the same GPT on the pixel VQ's tokens -> out/gpt_vq.pt
-    torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 256 --max-steps 300000
+    torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 1024 --max-steps 125000
     python train_gpt.py --resume                          # continue from out/gpt.pt
+
+Defaults are nanoGPT's (pre-LN, AdamW with decay on matrices, cosine); the official DiGIT settings
+(config/stage1/dino_base.yaml with fairseq's transformer_lm defaults) are all flags, see runs/official.sh:
+    --norm post --emb-scale --dropout 0.1 --label-smoothing 0.1 --schedule inverse-sqrt
+    --warmup-steps 6250 --warmup-init-lr 1e-7 --lr 3e-4 --beta2 0.98 --weight-decay 0.01 --decay-on all
+    --class-dropout 0 --batch-size 1024 (fairseq's batch_size 256 is per GPU, x 4 GPUs; ours is global)
+--dropout acts where fairseq puts it: on the embeddings and on each residual branch (attention output,
+MLP output), never on the attention probabilities. --emb-scale multiplies token and class embeddings
+by sqrt(width) and initialises them with std width^-1/2, as fairseq.
 """
 import contextlib
 import math
@@ -24,11 +33,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (add_system_args, autocast, autocast_dtype, batch_indices, check_same, check_weights_finite, fail,
-                    finish_distributed, fraction, init_distributed, learning_rate, load_model, matmul_flops, new_fingerprint,
-                    nonneg_float, nonneg_int, parser, positive_float, positive_int, prepare_out, refuse_overwrite, restore,
-                    rng_state, save_atomic, seeded, stop_if_not_finite)
-from data import add_tokenizer_arg, check_tokens, load_tokens
+from artifacts import Checkpoint, lineage, load_model, prepare_out
+from common import (add_system_args, autocast, autocast_dtype, batch_indices, fail, finish_distributed, fraction,
+                    init_distributed, learning_rate, matmul_flops, nonneg_float, nonneg_int, parser,
+                    positive_float, positive_int, precision_name, seeded, stop_if_not_finite)
+from data import add_tokenizer_arg, load_token_files
 
 # n_layer x n_embd x n_head. base = DiGIT-base (~219M with K=8192), large = DiGIT-large (~732M).
 MODELS = {
@@ -43,30 +52,33 @@ def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("model").add_argument
     add_size_args(a, "size preset")
-    a("--dropout", type=fraction, default=0.0, help="dropout in attention and MLP (default: %(default)s)")
-    a("--norm", default="pre", choices=["pre", "post"], help="pre-LN (default) or post-LN as the paper (default: %(default)s)")
-    a("--tie-embeddings", action="store_true", help="share input and output token embeddings (the paper unties them)")
-    a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class token")
-    a("--class-dropout", type=fraction, default=0.1, help="fraction of class tokens replaced by the null class, for CFG (default: %(default)s)")
+    a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
+    a("--norm", default="pre", choices=["pre", "post"], help="pre-LN, or post-LN as fairseq (default: %(default)s)")
+    a("--emb-scale", action="store_true", help="embeddings x sqrt(width), as fairseq")
+    a("--tie-embeddings", action="store_true", help="share input and output token embeddings")
+    a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class")
+    a("--class-dropout", type=fraction, default=0.1, help="null-class rate, for CFG (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
-    a("--batch-size", type=positive_int, default=64, help="global batch (images per optimizer step, all ranks) (default: %(default)s)")
-    a("--grad-accum", type=positive_int, default=1, help="micro-batches per step on each rank (default: %(default)s)")
+    a("--batch-size", type=positive_int, default=64, help="global batch, all ranks (default: %(default)s)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per step and rank (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    a("--min-lr", type=nonneg_float, default=1e-4, help="final learning rate of the cosine schedule (default: %(default)s)")
+    a("--min-lr", type=nonneg_float, default=1e-4, help="end of the cosine decay (default: %(default)s)")
     a("--warmup-steps", type=nonneg_int, default=100, help="linear warm-up steps (default: %(default)s)")
-    a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"], help="decay after warm-up; the paper used inverse-sqrt (default: %(default)s)")
-    a("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay, matrices only (default: %(default)s)")
-    a("--beta2", type=fraction, default=0.95, help="AdamW beta2; the paper used 0.98 (default: %(default)s)")
-    a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy label smoothing; the paper used 0.1 (default: %(default)s)")
-    a("--grad-clip", type=nonneg_float, default=1.0, help="clip the gradient norm (0: off) (default: %(default)s)")
+    a("--warmup-init-lr", type=nonneg_float, default=0.0, help="lr the warm-up starts at (default: %(default)s)")
+    a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"], help="after warm-up (default: %(default)s)")
+    a("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay (default: %(default)s)")
+    a("--decay-on", default="matrices", choices=["matrices", "all"], help="what decays (default: %(default)s)")
+    a("--beta2", type=fraction, default=0.95, help="AdamW beta2 (default: %(default)s)")
+    a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy smoothing (default: %(default)s)")
+    a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--eval-interval", type=positive_int, default=250, help="steps between loss estimates (default: %(default)s)")
-    a("--eval-batches", type=positive_int, default=4, help="fixed batches per loss estimate (default: %(default)s)")
+    a("--eval-batches", type=positive_int, default=4, help="fixed batches per estimate (default: %(default)s)")
     a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
-    a("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps of this run, e.g. for a job time limit; 0 = run to --max-steps")
+    a("--stop-after", type=nonneg_int, default=0, help="stop after this many steps of this run (a job limit)")
     a("--resume", action="store_true", help="continue from OUT/gpt.pt: model, optimizer, step, RNG")
-    a("--force", action="store_true", help="start afresh even though OUT/gpt.pt exists (it is overwritten)")
+    a("--force", action="store_true", help="start afresh over an existing OUT/gpt.pt")
     system = add_system_args(p, "reads tokens_*.pt from and writes gpt.pt to this directory")
     system.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_tokenizer_arg(system)
@@ -76,13 +88,15 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- the model
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; causal for the GPT, bidirectional for the MaskGIT decoder (stage 2)."""
+    """Multi-head self-attention; causal for the GPT, bidirectional for the MaskGIT decoder (stage 2).
+    Dropout on its output (the residual branch), as fairseq; the attention probabilities are not dropped."""
 
     def __init__(self, n_embd, n_head, dropout, causal=True):
         super().__init__()
-        self.n_head, self.dropout, self.causal = n_head, dropout, causal
+        self.n_head, self.causal = n_head, causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x, kv=None, pos=0):
         """kv: this layer's (keys, values) cache [B, H, block_size, Q] for sampling; x holds the tokens
@@ -91,25 +105,27 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         causal = self.causal
         if kv is not None:
-            kv[0][:, :, pos: pos + T], kv[1][:, :, pos: pos + T] = k, v
-            k, v = kv[0][:, :, : pos + T], kv[1][:, :, : pos + T]
             if pos and T > 1:
                 raise ValueError("the cache takes a prefix at position 0, then one token at a time")
+            kv[0][:, :, pos: pos + T] = k
+            kv[1][:, :, pos: pos + T] = v
+            k, v = kv[0][:, :, : pos + T], kv[1][:, :, : pos + T]
             causal = causal and T > 1  # one new token may see every cached one
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=causal)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
     """Transformer block. Pre-LN (default) trains stably at any depth without tuning the warm-up;
-    post-LN (the paper, following fairseq) normalises after each residual add."""
+    post-LN (the paper's stage 1, fairseq's default) normalises after each residual add."""
 
     def __init__(self, n_embd, n_head, dropout, norm="pre", causal=True):
         super().__init__()
         self.pre = norm == "pre"
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout, causal)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
+                                 nn.Dropout(dropout))
 
     def forward(self, x, kv=None, pos=0):
         if self.pre:
@@ -124,11 +140,14 @@ class GPT(nn.Module):
 
     The condition embedding table has n_classes + 1 rows: one per class and a last "null class" row
     used for class dropout and the unconditional branch of classifier-free guidance. With
-    n_classes = 0 the model is unconditional and row 0 is a BOS token."""
+    n_classes = 0 the model is unconditional and row 0 is a BOS token. Post-LN has no final norm
+    (fairseq's decoder); emb_scale multiplies the token and condition embeddings by sqrt(n_embd)."""
 
-    def __init__(self, vocab_size, block_size, n_classes, n_layer, n_embd, n_head, dropout=0.0, norm="pre", tie_embeddings=False):
+    def __init__(self, vocab_size, block_size, n_classes, n_layer, n_embd, n_head, dropout=0.0, norm="pre",
+                 tie_embeddings=False, emb_scale=False):
         super().__init__()
         self.vocab_size, self.block_size, self.n_classes = vocab_size, block_size, n_classes
+        self.scale = math.sqrt(n_embd) if emb_scale else 1.0
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.cls_emb = nn.Embedding(n_classes + 1, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
@@ -140,6 +159,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+        if emb_scale:  # fairseq: scaled embeddings start at unit std
+            for emb in (self.tok_emb, self.cls_emb):
+                nn.init.normal_(emb.weight, 0.0, n_embd ** -0.5)
         if tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
@@ -154,15 +176,18 @@ class GPT(nn.Module):
     def null_class(self):
         return self.n_classes  # the last row of cls_emb
 
-    def embed(self, tokens, labels):
-        """[cond, tokens] + positions. tokens [B, L] with L < block_size; labels [B] (None: unconditional)."""
+    def embed(self, tokens, labels, start=0):
+        """[cond, tokens] + positions from position 0, or (start > 0, sampling) tokens alone at `start`."""
         B, L = tokens.shape
-        if L >= self.block_size:
+        if start + L + (start == 0) > self.block_size:
             fail(f"{L} input tokens do not fit the block size {self.block_size}")
-        if labels is None:
-            labels = torch.full((B,), self.null_class, dtype=torch.long, device=tokens.device)
-        x = torch.cat([self.cls_emb(labels)[:, None], self.tok_emb(tokens)], dim=1)
-        return self.drop(x + self.pos_emb(torch.arange(L + 1, device=tokens.device)))
+        x = self.tok_emb(tokens)
+        if start == 0:
+            if labels is None:
+                labels = torch.full((B,), self.null_class, dtype=torch.long, device=tokens.device)
+            x = torch.cat([self.cls_emb(labels)[:, None], x], dim=1)
+        pos = torch.arange(start, start + x.shape[1], device=tokens.device)
+        return self.drop(x * self.scale + self.pos_emb(pos))
 
     def forward(self, tokens, labels=None, return_hidden=False, cache=None):
         """logits [B, L+1, V] (position i predicts token i); with return_hidden also the output of
@@ -170,11 +195,9 @@ class GPT(nn.Module):
 
         cache (a KVCache, for sampling): the first call embeds [cond, tokens] from position 0, later
         calls take only the next token ([B, 1]) and return its logits [B, 1, V]."""
-        if cache is None or cache.pos == 0:
-            x = self.embed(tokens, labels)
-        else:
-            x = self.drop(self.tok_emb(tokens) + self.pos_emb(torch.arange(cache.pos, cache.pos + tokens.shape[1], device=tokens.device)))
-        pos, hidden = (cache.pos if cache is not None else 0), []
+        pos = cache.pos if cache is not None else 0
+        x = self.embed(tokens, labels, pos)
+        hidden = []
         for i, block in enumerate(self.blocks):
             x = block(x, cache.layers[i] if cache is not None else None, pos)
             hidden.append(x)
@@ -190,19 +213,38 @@ class GPT(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated for a whole sequence: each sampling step then
-    computes only the newest token instead of re-running the prefix."""
+    computes only the newest token instead of re-running the prefix. dtype: bf16 halves its memory
+    (and the attention's reads) where sampling runs under bf16 autocast."""
 
-    def __init__(self, model, batch_size, dtype=torch.float32):
+    def __init__(self, model, batch_size, dtype=torch.float32, length=None):
         attn = model.blocks[0].attn
-        shape = (batch_size, attn.n_head, model.block_size, attn.qkv.in_features // attn.n_head)
+        shape = (batch_size, attn.n_head, length or model.block_size, attn.qkv.in_features // attn.n_head)
         device = attn.qkv.weight.device
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in model.blocks]
+        self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv") for _ in model.blocks]
         self.pos = 0
 
 
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top-k tokens and/or the smallest set whose probability reaches top_p; the rest -> -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # tokens entirely beyond the nucleus (the top one always stays)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, gen=None):
+    """One id per row of logits [B, V], drawn on their device (gen: a generator on that device, or None)."""
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)
+
+
 def gpt_path(out, tokenizer="digit"):
-    """gpt.pt: the GPT on DiGIT tokens; gpt_vq.pt: the same GPT trained on the pixel VQ's tokens (--tokenizer vq)."""
+    """gpt.pt: the GPT on DiGIT tokens; gpt_vq.pt: the same GPT on the pixel VQ's tokens (--tokenizer vq)."""
     return os.path.join(out, "gpt.pt" if tokenizer == "digit" else f"gpt_{tokenizer}.pt")
 
 
@@ -228,9 +270,8 @@ def model_size(args):
 
 
 def model_args_from(args, vocab_size, block_size, n_classes):
-    m = model_size(args)
     return dict(vocab_size=vocab_size, block_size=block_size, n_classes=n_classes, dropout=args.dropout,
-                norm=args.norm, tie_embeddings=args.tie_embeddings, **m)
+                norm=args.norm, tie_embeddings=args.tie_embeddings, emb_scale=args.emb_scale, **model_size(args))
 
 
 def flops_per_token(model_args, n_params):
@@ -245,15 +286,14 @@ GPU_PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12,
 
 
 def device_peak(device, dtype):
-    """(FLOP/s, how it was found) for MFU."""
+    """(FLOP/s of one device, how it was found) for MFU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s bf16 dense (datasheet)"
-        dtype = dtype or torch.float32
     peak = matmul_flops(device, dtype or torch.float32)
-    return peak, f"measured {'bf16' if dtype else 'fp32'} matmul on {device}: {peak / 1e9:.0f} GFLOP/s"
+    return peak, f"measured {precision_name(dtype)} matmul on {device}: {peak / 1e9:.0f} GFLOP/s"
 
 
 # ----------------------------------------------------------------------------- training pieces
@@ -267,19 +307,22 @@ def drop_classes(labels, p, null_class, step, seed):
 
 
 def pick_views(tokens, rows, step, seed):
-    """The step's token grids [B, h*w]: rows of tokens [N, h*w], or of tokens [N, V, h*w] with one view per row
-    drawn from (seed, step), so a resumed run and any number of ranks see the same views."""
+    """The step's token grids [B, h*w] as int64: rows of tokens [N, h*w], or of tokens [N, V, h*w] with one
+    view per row drawn from (seed, step), so a resumed run and any number of ranks see the same views."""
+    rows = rows.to(tokens.device)
     if tokens.ndim == 2:
-        return tokens[rows]
+        return tokens[rows].long()
     v = torch.randint(tokens.shape[1], (len(rows),), generator=seeded(seed, step, 2))
-    return tokens[rows.to(tokens.device), v.to(tokens.device)]
+    return tokens[rows, v.to(tokens.device)].long()
 
 
 def make_optimizer(model, args, device):
-    """AdamW; weight decay on matrices only (not on biases and LayerNorm gains)."""
+    """AdamW; weight decay on matrices only (not on biases and LayerNorm gains), or on all parameters
+    (--decay-on all: fairseq's Adam, whose decay is decoupled as AdamW's)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    decayed = [p for p in params if p.dim() >= 2 or getattr(args, "decay_on", "matrices") == "all"]
+    groups = [dict(params=decayed, weight_decay=args.weight_decay),
+              dict(params=[p for p in params if all(p is not q for q in decayed)], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
 
 
@@ -297,7 +340,8 @@ def estimate_loss(model, data, args, dtype, device):
     losses = []
     for chunk in rows.split(args.batch_size):
         with autocast(device, dtype):
-            losses.append(loss_fn(model, tokens[chunk], None if labels is None else labels[chunk]).item())
+            y = None if labels is None else labels[chunk.to(labels.device)]
+            losses.append(loss_fn(model, tokens[chunk.to(tokens.device)].long(), y).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -307,14 +351,13 @@ def estimate_loss(model, data, args, dtype, device):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device, args.dist_timeout)
-    ckpt_path = gpt_path(prepare_out(args.out), args.tokenizer)
-    refuse_overwrite(ckpt_path, args)
+    prepare_out(args.out)
+    dtype = autocast_dtype(args.precision, device)
 
-    # -- data: every token grid of both splits, held in memory (256 tokens x 1.28M ImageNet images = 0.6 GB as int16);
-    #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): the same GPT learns either
-    #    with tokenize_kmeans.py --views, train holds [N, V, h*w]: a step draws one view per image (pick_views)
-    train, val = load_tokens(args.out, "train", args.tokenizer, views=True), load_tokens(args.out, "val", args.tokenizer)
-    check_tokens(train, val, args.out)
+    # -- data: every token grid of both splits on the device in its stored dtype (int16 for K = 8192:
+    #    1.28M ImageNet images x 256 tokens = 0.66 GB, x views); batches become int64 one at a time.
+    #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): the same GPT learns either.
+    train, val = load_token_files(args.out, args.tokenizer, views=True)
     conditional = not args.unconditional and train.get("labels") is not None
     n_classes = len(train["classes"]) if conditional else 0
     if conditional and len(train["labels"]) and int(train["labels"].max()) >= n_classes:
@@ -325,67 +368,60 @@ def main(argv=None):
     micro = args.batch_size // (world * args.grad_accum)  # sequences per forward pass on this rank
     if len(train["tokens"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the train set ({len(train['tokens'])} images)")
-    tokens = train["tokens"].long().to(device)
+    tokens = train["tokens"].to(device)
     labels = train["labels"].to(device) if conditional else None
     views = tokens.shape[1] if tokens.ndim == 3 else 1
-    train_data = (tokens[:, 0] if tokens.ndim == 3 else tokens, labels)  # the train loss is reported on the plain view
-    val_data = (val["tokens"].long().to(device), val["labels"].to(device) if conditional else None)
+    train_data = (tokens[:, 0] if tokens.ndim == 3 else tokens, labels)  # the train loss: on the plain view
+    val_data = (val["tokens"].to(device), val["labels"].to(device) if conditional else None)
 
     # -- model and optimizer, fresh or restored (--resume); DDP averages the gradients of the ranks
     model_args = model_args_from(args, train["vocab_size"], h * w, n_classes)
     torch.manual_seed(args.seed)
     model = GPT(**model_args).to(device)
     optimizer = make_optimizer(model, args, device)
-    step, best_val, losses, evals = 0, float("inf"), [], []
-    if args.resume:
-        ck = restore(ckpt_path, model, optimizer, model_args, device)
-        check_same("codebooks", ckpt_path, ck.get("tokens"), "its token files", train.get("codebook"))
-        step, best_val, losses, evals = ck["step"], ck["best_val"], ck["losses"], ck["evals"]
+    ckpt = Checkpoint(gpt_path(args.out, args.tokenizer), args, model_args, lineage(train), precision_name(dtype),
+                      vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
+                      encoder=train.get("encoder"), layer=train.get("layer"), image_size=train.get("image_size"),
+                      tokenizer=train.get("tokenizer", "digit"), views=views)
+    state = ckpt.start(device, model=model, optimizer=optimizer)
+    step, best_val = state.get("step", 0), state.get("best_val", float("inf"))
+    losses, evals = state.get("losses", []), state.get("evals", [])
     raw = model  # the module whose weights are saved and evaluated
     if args.compile:
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # -- precision (bf16 where measured faster) and the peak that MFU is measured against
-    dtype = autocast_dtype(args.precision, device)
+    # -- the peak that MFU is measured against: one device's (each rank runs 1/world of the FLOPs)
     n_params = raw.num_params()
-    flops_step = flops_per_token(model_args, n_params) * args.batch_size * h * w
+    flops_step = flops_per_token(model_args, n_params) * args.batch_size * h * w / world
     peak, peak_note = device_peak(device, dtype)
     if rank == 0:
-        print(f"GPT {model_args['n_layer']}x{model_args['n_embd']} ({n_params / 1e6:.2f}M parameters), vocab {model_args['vocab_size']}, "
-              f"{h * w} tokens/image{f' ({views} views each)' if views > 1 else ''}, "
-              f"{'class-conditional (' + str(n_classes) + ' classes)' if conditional else 'unconditional'}, "
-              f"{world} process(es) on {device} in {'bf16' if dtype else 'fp32'}; MFU peak: {peak_note}")
-
-    def checkpoint():  # with the token metadata, so later stages can check they read the same tokens
-        check_weights_finite(raw, ckpt_path)
-        save_atomic(dict(model=raw.state_dict(), model_args=model_args, optimizer=optimizer.state_dict(), step=step,
-                         config=vars(args), best_val=best_val, losses=losses, evals=evals,
-                         rng=rng_state(device),
-                         vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
-                         encoder=train["encoder"], layer=train["layer"], image_size=train["image_size"],
-                         tokenizer=train.get("tokenizer", "digit"), tokens=train.get("codebook"), views=views,
-                         fingerprint=new_fingerprint()), ckpt_path)
+        print(f"GPT {model_args['n_layer']}x{model_args['n_embd']} ({n_params / 1e6:.2f}M parameters), vocab "
+              f"{model_args['vocab_size']}, {h * w} tokens/image{f' ({views} views each)' if views > 1 else ''}, "
+              f"{f'class-conditional ({n_classes} classes)' if conditional else 'unconditional'}, {world} "
+              f"process(es) on {device} in {precision_name(dtype)}; MFU per device against {peak_note}")
 
     # -- the training loop: the global batch of a step is a pure function of (seed, step), so a resumed
     #    run and a run on any number of ranks see the same batches; each rank takes its slice of it
     last_step = args.max_steps if not args.stop_after else min(args.max_steps, step + args.stop_after)
-    bar = tqdm(total=args.max_steps, initial=step, desc="train GPT", unit="step", disable=rank != 0, dynamic_ncols=True)
-    t0, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(total=args.max_steps, initial=step, desc="train GPT", unit="step", disable=rank != 0,
+               dynamic_ncols=True)
+    t0, steps_timed = time.perf_counter(), 0
     while step < last_step:
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = batch_indices(step, args.batch_size, len(tokens), args.seed)
         batch = pick_views(tokens, rows, step, args.seed)
-        y = drop_classes(labels[rows], args.class_dropout, n_classes, step, args.seed) if conditional else None
-        mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's share
+        y = drop_classes(labels[rows.to(device)], args.class_dropout, n_classes, step, args.seed) if conditional \
+            else None
+        mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's
 
         # forward/backward over the micro-batches; gradients are all-reduced once, on the last one
         loss_sum = torch.zeros((), device=device)
         for a in range(args.grad_accum):
-            part = mine[a * micro: (a + 1) * micro]
+            part = mine[a * micro: (a + 1) * micro].to(device)
             sync = a == args.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                 loss = loss_fn(model, batch[part], None if y is None else y[part], args.label_smoothing)
@@ -398,12 +434,12 @@ def main(argv=None):
 
         # the update, unless the loss or the gradient is NaN/inf (then stop: the last checkpoint stays good)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        stop_if_not_finite(step, ckpt_path, loss=step_loss, grad_norm=float(grad_norm))
+        stop_if_not_finite(step, ckpt.path, loss=step_loss, grad_norm=float(grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        steps_timed += 1
         losses.append(step_loss)
-        tokens_seen += args.batch_size * h * w
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
@@ -411,16 +447,18 @@ def main(argv=None):
         if rank == 0 and (step % args.eval_interval == 0 or step == last_step):
             dt = time.perf_counter() - t0
             tl, vl = estimate_loss(raw, train_data, args, dtype, device), estimate_loss(raw, val_data, args, dtype, device)
-            mfu = flops_step * (tokens_seen / (args.batch_size * h * w)) / dt / peak
             best_val = min(best_val, vl)
             evals.append(dict(step=step, train=tl, val=vl))
-            bar.write(f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}, {tokens_seen / dt:,.0f} tokens/s, MFU {100 * mfu:.1f}%")
-            t0, tokens_seen = time.perf_counter(), 0
+            bar.write(f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}, "
+                      f"{steps_timed * args.batch_size * h * w / dt:,.0f} tokens/s, "
+                      f"MFU {100 * flops_step * steps_timed / dt / peak:.1f}%")
+            t0, steps_timed = time.perf_counter(), 0
         if rank == 0 and (step % args.ckpt_interval == 0 or step == last_step):
-            checkpoint()
+            ckpt.save(step=step, best_val=best_val, losses=losses, evals=evals)
     bar.close()
     if rank == 0:
-        print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt_path}, best val loss {best_val:.4f}")
+        print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt.path}, "
+              f"best val loss {best_val:.4f}")
     finish_distributed()
     return losses
 

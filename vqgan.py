@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import fail, load_artifact, load_model, tensor_fingerprint
+from artifacts import lineage, load_artifact, load_model, tensor_fingerprint
+from common import fail
 
 
 def vq_encode(vq, images):
@@ -40,9 +41,12 @@ def vq_decode(vq, ids, grid):
 
 def nearest_code(z, codes):
     """Rows of z [N, D] -> the index of the nearest code (squared Euclidean distance, as taming and LlamaGen
-    compute it: |z|^2 + |e|^2 - 2 z.e, then argmin; the same formula gives the same ties)."""
-    d = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
-    return d.argmin(1)
+    compute it: |z|^2 + |e|^2 - 2 z.e, then argmin; the same formula gives the same ties). Always in fp32,
+    also under bf16 autocast: bf16 rounding would flip near-ties, i.e. noisy targets for stage 2."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, codes = z.float(), codes.float()
+        d = z.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * z @ codes.t()
+        return d.argmin(1)
 
 
 # ----------------------------------------------------------------------------- ours (vq.pt)
@@ -87,9 +91,10 @@ class VQModel(nn.Module):
         """z [B, D, h, w] -> (quantized with straight-through gradient, ids [B, h*w], codebook loss, commitment loss,
         the unit-norm latents [B*h*w, D])."""
         B, D, h, w = z.shape
-        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=1)
-        e = self.codes()
-        ids = (z @ e.t()).argmax(1)  # nearest on the sphere = largest cosine
+        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D).float(), dim=1)
+        e = self.codes().float()
+        with torch.autocast(z.device.type, enabled=False):
+            ids = (z @ e.t()).argmax(1)  # nearest on the sphere = largest cosine, in fp32 (see nearest_code)
         q = e[ids]
         codebook_loss, commit_loss = F.mse_loss(q, z.detach()), F.mse_loss(z, q.detach())
         q = z + (q - z).detach()  # straight-through: the decoder's gradient flows to the encoder unchanged
@@ -347,38 +352,52 @@ def read_pretrained(path, hint):
 
 def load_vq(path, device, grid=None, pixel_size=None):
     """(frozen pixel tokenizer, info) from vq.pt, MAGE's VQGAN checkpoint or a LlamaGen VQ checkpoint, told apart
-    by their keys. info has kind, grid, pixel_size, model_args["codes"] and a fingerprint. grid (the DiGIT grid)
-    and pixel_size, when given, are checked: a pretrained VQ's latent grid is pixel_size / its downsampling."""
-    hint = "run train_decoder.py --stage vq first, or give a pretrained VQ (MAGE's VQGAN, LlamaGen's VQ-16)"
-    if os.path.isdir(path):
-        fail(f"{path} is a folder: give the VQ checkpoint file itself")
+    by their keys. info has kind, grid, pixel_size, model_args["codes"], a fingerprint and the lineage record.
+    grid (the DiGIT grid) and pixel_size, when given, are checked: a pretrained VQ's latent grid is
+    pixel_size / its downsampling. Any malformed file is one line naming it."""
+    hint = "run train_vq.py first, or give a pretrained VQ (MAGE's VQGAN, LlamaGen's VQ-16)"
     ck = read_pretrained(path, hint)
-    if isinstance(ck, dict) and "model_args" in ck and "codebook.weight" in ck.get("model", {}):  # ours
+    if isinstance(ck, dict) and "model_args" in ck and "codebook.weight" in (ck.get("model") or {}):  # ours
         vq, info = load_model(path, VQModel, hint, device)
-        info = dict(info, kind="ours")
+        info = dict(info, kind="ours", lineage=lineage(info))
         if grid is not None and tuple(info["grid"]) != tuple(grid):
-            fail(f"{path} has a {tuple(info['grid'])} latent grid but the DiGIT tokens are {tuple(grid)}: retrain the VQ")
+            fail(f"{path} has a {tuple(info['grid'])} latent grid but the DiGIT tokens are {tuple(grid)}: "
+                 f"retrain the VQ")
         return vq, info
     sd = pretrained_state_dict(ck)
     keys = list(sd)[:6] if isinstance(sd, dict) else type(sd).__name__
     if not isinstance(sd, dict) or "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
         fail(f"{path} is none of vq.pt, MAGE's VQGAN, LlamaGen's VQ (keys found: {keys})")
-    if "encoder.down.0.block.0.conv1.weight" in sd and "quant_conv.weight" not in sd and "encoder.mid.attn_1.q.weight" not in sd:
-        kind, model = "mage", MageVQGAN(**mage_args(sd))
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        fail(f"{path} is malformed: {bad[0]} is a {type(sd[bad[0]]).__name__}, not a tensor")
+    mage = "encoder.down.0.block.0.conv1.weight" in sd and "quant_conv.weight" not in sd
+    if mage and "encoder.mid.attn_1.q.weight" not in sd:
+        kind, build = "mage", lambda: MageVQGAN(**mage_args(sd))
     elif "encoder.conv_blocks.0.res.0.conv1.weight" in sd and "quant_conv.weight" in sd:
-        kind, model = "llamagen", LlamaGenVQ(**llamagen_args(sd))
-        sd = {k: v for k, v in sd.items() if k != "quantize.codebook_used"}  # its training-time usage log, not a weight
+        kind, build = "llamagen", lambda: LlamaGenVQ(**llamagen_args(sd))
+        sd = {k: v for k, v in sd.items() if k != "quantize.codebook_used"}  # a training-time usage log
     else:
         fail(f"{path} looks like a taming VQGAN but not MAGE's nor LlamaGen's layout (keys found: {keys})")
     try:
+        model = build()
         model.load_state_dict(sd)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        fail(f"{path}: a {kind} layout that is incomplete or malformed ({type(e).__name__}: {str(e)[:120]})")
     except RuntimeError as e:
-        fail(f"{path}: a {kind} layout whose weights do not fit it ({str(e).splitlines()[1].strip()[:160]})")
+        fail(f"{path}: a {kind} layout whose weights do not fit it ({str(e).splitlines()[-1].strip()[:160]})")
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        fail(f"{path} is malformed: {nonfinite[0]} holds NaN/inf")
     side = pixel_size or (grid[0] * model.factor if grid else 256)
+    if side % model.factor:
+        fail(f"--pixel-size {side} is not a multiple of {path}'s downsampling ({model.factor}x)")
     latent = (side // model.factor, side // model.factor)
-    if side % model.factor or (grid is not None and latent != tuple(grid)):
-        fail(f"{path} ({kind}, downsamples {model.factor}x) gives a {latent[0]}x{latent[1]} latent grid at {side} px but the "
-             f"DiGIT grid is {grid[0]}x{grid[1]}: use --pixel-size {grid[0] * model.factor}")
-    info = dict(kind=kind, grid=latent, pixel_size=side, model_args=dict(codes=model.num_codes), path=os.path.abspath(path),
-                fingerprint=tensor_fingerprint(model.quantize.embedding.weight))
+    if grid is not None and latent != tuple(grid):
+        fail(f"{path} ({kind}, downsamples {model.factor}x) gives a {latent[0]}x{latent[1]} latent grid at {side} px "
+             f"but the DiGIT grid is {grid[0]}x{grid[1]}: use --pixel-size {grid[0] * model.factor}")
+    fingerprint = tensor_fingerprint(model.quantize.embedding.weight)
+    info = dict(kind=kind, grid=latent, pixel_size=side, model_args=dict(codes=model.num_codes),
+                path=os.path.abspath(path), fingerprint=fingerprint,
+                lineage=dict(vq=fingerprint, vq_codes=model.num_codes, grid=latent))
     return model.to(device).eval().requires_grad_(False), info

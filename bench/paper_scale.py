@@ -163,7 +163,7 @@ STAGES = [  # (name, script, flags): the README recipe's settings, steps and bat
      ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "16"]),
     ("train_gpt.py --model base", "train_gpt.py",
      ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"]),
-    ("train_decoder.py --stage vq (256 px, 8192 codes)", "train_decoder.py", ["--stage", "vq", "--vq-codes", "8192", *dec]),
+    ("train_vq.py (256 px, 8192 codes)", "train_vq.py", ["--vq-codes", "8192", *dec]),
     ("train_decoder.py --stage maskgit --model base", "train_decoder.py", ["--stage", "maskgit", "--model", "base", *dec]),
     ("train_decoder.py --stage direct --model base (256 px)", "train_decoder.py", ["--stage", "direct", "--model", "base", *dec]),
     ("sample.py (2 classes x 1, CFG 4, top-k 300)", "sample.py",

@@ -1,5 +1,5 @@
 """
-Does the adversarial term (train_decoder.py --disc-weight) make the demo's rendered digits more recognisable?
+Does the adversarial term (train_vq.py --disc-weight) make the demo's rendered digits more recognisable?
 
 Trains the demo's pixel VQ (demo.sh stage 3 settings, same seed, same steps) with and without the PatchGAN +
 hinge + adaptive weight, paints the first 500 val digits (spread over the classes, as demo.sh's render_vq
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 import eval as evaluate  # noqa: E402
-import train_decoder  # noqa: E402
+import train_vq  # noqa: E402
 from data import ImagesWithTokens, load_tokens, to_unit  # noqa: E402
 from vqgan import load_vq, vq_decode, vq_encode  # noqa: E402
 
@@ -35,7 +35,7 @@ p.add_argument("--disc-start", type=int, default=150, help="(default: %(default)
 p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "vq_gan.md"))
 args = p.parse_args()
 
-DEMO_VQ = ["--stage", "vq", "--max-steps", "450", "--lr", "1e-3", "--vq-channels", "32", "--perceptual", "0", "--eval-interval", "450",
+DEMO_VQ = ["--max-steps", "450", "--lr", "1e-3", "--vq-channels", "32", "--perceptual", "0", "--eval-interval", "450",
            "--ckpt-interval", "150", "--precision", "fp32", "--force"]  # demo.sh stage 3
 
 
@@ -63,7 +63,7 @@ for name, extra in (("MSE only (the demo)", []), (f"+ GAN (weight {args.disc_wei
         if f.startswith(("tokens_", "features_", "codebook")) and not os.path.exists(os.path.join(out, f)):
             os.link(os.path.join(args.demo_out, f), os.path.join(out, f))
     t = time.time()
-    metrics = train_decoder.main([*DEMO_VQ, "--out", out, *extra])
+    metrics = train_vq.main([*DEMO_VQ, "--out", out, *extra])
     seconds = time.time() - t
     folder = os.path.join(out, "rendered_val_vq")
     shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,7 @@ def test_demo_skips_resumes_and_forces(tmp_path):
     (bin_dir / "python").chmod(0o755)
     first = run_demo(tmp_path)
     scripts = [c[0] for c in first]
-    assert scripts == ["tokenize_kmeans.py", "tokenize_kmeans.py", "train_gpt.py", "train_decoder.py", "train_gpt.py",
+    assert scripts == ["tokenize_kmeans.py", "tokenize_kmeans.py", "train_gpt.py", "train_vq.py", "train_gpt.py",
                        "train_decoder.py", "sample.py", "sample.py", "probe.py", "probe.py", "sample.py", "sample.py", "stability.py", "eval.py"]
     assert first[2][first[2].index("--max-steps"):] == first[4][first[4].index("--max-steps"):]  # the same GPT for both tokenizers
     assert "--tokenizer" in first[4] and "--tokenizer" in first[7] and "--tokenizer" in first[9]

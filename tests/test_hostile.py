@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import artifacts
 import common
 import eval as evaluate
 import probe
@@ -15,6 +16,7 @@ import sample
 import tokenize_kmeans
 import train_decoder
 import train_gpt
+import train_vq
 from conftest import ROOT, make_token_files, run_script
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8", "--precision", "fp32", "--eval-batches", "1"]
@@ -40,8 +42,10 @@ def one_line_error(main, argv, text):
     (sample.get_args, ["--temperature", "0"]), (sample.get_args, ["--temperature", "-1"]), (sample.get_args, ["--cfg-scale", "-1"]),
     (sample.get_args, ["--num-samples", "0"]), (sample.get_args, ["--batch-size", "0"]), (sample.get_args, ["--decode-steps", "0"]),
     (sample.get_args, ["--decode-temperature", "0"]),
-    (train_decoder.get_args, ["--stage", "vq", "--batch-size", "0"]), (train_decoder.get_args, ["--stage", "vq", "--vq-codes", "0"]),
-    (train_decoder.get_args, ["--stage", "vq", "--eval-interval", "0"]), (train_decoder.get_args, ["--stage", "maskgit", "--decode-steps", "0"]),
+    (train_vq.get_args, ["--batch-size", "0"]), (train_vq.get_args, ["--vq-codes", "0"]),
+    (train_vq.get_args, ["--eval-interval", "0"]), (train_decoder.get_args, ["--stage", "maskgit", "--decode-steps", "0"]),
+    (train_decoder.get_args, ["--stage", "ar", "--top-p", "1.5"]),
+    (sample.get_args, ["--temperature", "1e-45"]), (sample.get_args, ["--cfg-scale", "1e39"]), (sample.get_args, ["--cfg-scale", "nan"]),
     (probe.get_args, ["--epochs", "0"]), (probe.get_args, ["--batch-size", "0"]),
     (evaluate.get_args, ["--batch-size", "0"]), (evaluate.get_args, ["--nearest-k", "0"]),
 ])
@@ -65,7 +69,7 @@ def test_corrupt_artifacts_are_named_in_one_line(tmp_path, content):
     path = tmp_path / "gpt.pt"
     path.write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        common.load_artifact(str(path), "run train_gpt.py first")
+        artifacts.load_artifact(str(path), "run train_gpt.py first")
     msg = str(e.value)
     assert str(path) in msg and "cannot be read" in msg and "weights_only=False" not in msg and "\n" not in msg
 
@@ -98,7 +102,7 @@ def test_tokens_of_another_codebook_are_refused_where_they_meet(tmp_path):
         tok = torch.load(os.path.join(out, f"tokens_{split}.pt"), weights_only=True)
         torch.save(dict(tok, codebook="aaa"), os.path.join(out, f"tokens_{split}.pt"))
     train_gpt.main(["--out", out, "--max-steps", "2", *TINY])
-    assert torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["tokens"] == "aaa"
+    assert torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["lineage"]["codebook"] == "aaa"
     val = torch.load(os.path.join(out, "tokens_val.pt"), weights_only=True)
     torch.save(dict(val, codebook="bbb"), os.path.join(out, "tokens_val.pt"))  # a val file of another fit, same K
     one_line_error(train_gpt.main, ["--out", out, "--resume", "--max-steps", "3", *TINY], "different codebooks")
@@ -147,11 +151,18 @@ def test_nan_guards():
     with pytest.raises(SystemExit, match="grad_norm is inf"):
         common.stop_if_not_finite(3, "gpt.pt", loss=1.0, grad_norm=float("inf"))
     common.stop_if_not_finite(3, "gpt.pt", loss=1.0, grad_norm=2.0)
+
+
+def test_a_checkpoint_never_saves_nan_weights(tmp_path):
+    from types import SimpleNamespace
     model = torch.nn.Linear(2, 2)
-    common.check_weights_finite(model, "x.pt")
+    ckpt = artifacts.Checkpoint(str(tmp_path / "x.pt"), SimpleNamespace(resume=False, force=False), {}, {}, "fp32")
+    ckpt.start(torch.device("cpu"), model=model)
+    ckpt.save(step=1)
     model.bias.data[0] = float("nan")
     with pytest.raises(SystemExit, match="not saving them"):
-        common.check_weights_finite(model, "x.pt")
+        ckpt.save(step=2)
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["step"] == 1
 
 
 def test_full_disk_removes_the_temp_file_and_keeps_the_old_artifact(tmp_path, monkeypatch):
@@ -163,20 +174,24 @@ def test_full_disk_removes_the_temp_file_and_keeps_the_old_artifact(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(SystemExit, match="no space left on the device"):
-        common.save_atomic({"step": 2}, path)
+        artifacts.save_atomic({"step": 2}, path)
     assert os.listdir(tmp_path) == ["gpt.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
-def test_output_folder_is_checked_and_stale_temp_files_removed(tmp_path):
-    stale, ours = tmp_path / "gpt.pt.tmp999999999", tmp_path / f"vq.pt.tmp{os.getpid()}"
-    stale.write_bytes(b"x"), ours.write_bytes(b"x")
-    common.prepare_out(str(tmp_path))
+def test_output_folder_is_checked_and_only_our_stale_temp_files_removed(tmp_path):
+    stale = tmp_path / f"gpt.pt{artifacts.TMP_TAG}999999999"
+    ours = tmp_path / f"vq.pt{artifacts.TMP_TAG}{os.getpid()}"
+    foreign = tmp_path / "thesis.tmp4000000"  # a user's file that merely looks like a temp file
+    for f in (stale, ours, foreign):
+        f.write_bytes(b"x")
+    artifacts.prepare_out(str(tmp_path))
     assert not stale.exists() and ours.exists()  # a live process's temp file may still be being written
+    assert foreign.read_bytes() == b"x"
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
-        common.prepare_out(str(tmp_path / "afile"))
+        artifacts.prepare_out(str(tmp_path / "afile"))
 
 
 def test_a_train_set_of_only_unreadable_images_is_a_one_line_error(tmp_path):

@@ -49,8 +49,8 @@ def test_train_features_kept_from_the_fit_give_the_tokens_of_a_second_pass(image
     centroids, _, kept = tk.fit_codebook(args, model, train, 9, cpu, 0, 1)
     assert kept is not None  # 24 readable images: the fit encodes all of them
     again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again")
-    a, b = tk.tokenize_split(kept, centroids, 16, cpu), tk.tokenize_split(again, centroids, 16, cpu)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[3] == b[3] == [train.name(24)]
+    a, b = tk.tokenize_split(kept, centroids, cpu), tk.tokenize_split(again, centroids, cpu)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[3] == b[3] == [train.name(24)] and a[4] == b[4]
 
 
 def test_corrupt_image_is_skipped_and_named(tokenized):
@@ -77,13 +77,18 @@ def test_codebook_is_reused_unless_settings_change(tokenized, image_folder, tmp_
     p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out, *TINY)
     assert "reusing" in p.stdout
     assert torch.equal(before, load(out, "codebook.pt")["centroids"])
-    # a copy of the run, then: a changed setting, or --refit, fits again
+    # a copy of the run, then: a changed setting is refused (everything trained on the tokens would be orphaned)
+    # and nothing is touched; --refit fits again
     for name in ("codebook.pt", "tokens_train.pt", "tokens_val.pt"):
         os.link(os.path.join(out, name), tmp_path / name)
-    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2")
-    assert "reusing" not in p.stdout and load(tmp_path, "codebook.pt")["fit_config"]["iters"] == 2
-    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2", "--seed", "0", "--refit")
+    stamps = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)}
+    for change in (["--iters", "2"], ["--seed", "1"]):
+        p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, *change, check=False)
+        assert p.returncode != 0 and "fitted with other settings" in p.stderr and "--refit" in p.stderr
+    assert {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)} == stamps
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2", "--refit")
     assert "reusing" not in p.stdout and "codebook: inertia" in p.stdout
+    assert load(tmp_path, "codebook.pt")["fit_config"]["iters"] == 2
 
 
 def test_two_processes_match_one(tokenized, image_folder, tmp_path):

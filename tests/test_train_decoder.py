@@ -1,4 +1,5 @@
-"""train_decoder.py: the mask schedule, MaskGIT decoding, the VQ's straight-through gradient, learning, checkpoints."""
+"""train_vq.py and train_decoder.py: the mask schedule, MaskGIT and AR decoding, the VQ's straight-through gradient,
+learning, checkpoints, the whole chain on a tiny run."""
 import os
 
 import pytest
@@ -9,7 +10,9 @@ from PIL import Image
 
 from conftest import make_image_folder, run_script
 import train_decoder
-from train_decoder import MaskGIT, decode, mask_count, psnr, random_mask
+import train_vq
+from train_decoder import MaskGIT, decode, mask_count, random_mask
+from train_vq import psnr
 from vqgan import VQModel, vq_decode, vq_encode
 
 
@@ -130,9 +133,9 @@ def decoder_out(tmp_path_factory):
     run_script("tokenize_kmeans.py", "--data", root, "--out", out, "--encoder", "dinov2_vits14_offline", "--image-size", "56",
                "--k", "8", "--iters", "3", "--workers", "0", "--precision", "fp32")
     common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "8"]
-    run_script("train_decoder.py", "--stage", "vq", "--max-steps", "3", "--vq-channels", "16", "--vq-codes", "32",
-               "--perceptual", "0.1", *common)
+    run_script("train_vq.py", "--max-steps", "3", "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0.1", *common)
     run_script("train_decoder.py", "--stage", "maskgit", "--max-steps", "3", "--n-layer", "1", *common)
+    run_script("train_decoder.py", "--stage", "ar", "--max-steps", "3", "--n-layer", "1", "--dropout", "0.1", *common)
     train_decoder.main(["--stage", "direct", "--max-steps", "3", "--n-layer", "1", "--perceptual", "0", *common])
     return out
 
@@ -155,8 +158,8 @@ def test_bad_inputs(decoder_out, tmp_path):
     for f in ("tokens_train.pt", "tokens_val.pt"):
         os.link(os.path.join(decoder_out, f), tmp_path / f)
     p = run_script("train_decoder.py", "--stage", "maskgit", "--out", str(tmp_path), check=False)
-    assert p.returncode != 0 and "vq.pt not found: run train_decoder.py --stage vq first" in p.stderr
-    p = run_script("train_decoder.py", "--stage", "vq", "--out", str(tmp_path), "--pixel-size", "24", check=False)
+    assert p.returncode != 0 and "vq.pt not found: run train_vq.py first" in p.stderr
+    p = run_script("train_vq.py", "--out", str(tmp_path), "--pixel-size", "24", check=False)
     assert p.returncode != 0 and "not a power-of-two multiple of the DiGIT grid 4x4" in p.stderr
     vq = torch.load(os.path.join(decoder_out, "vq.pt"), weights_only=True)
     vq["grid"] = (8, 8)
@@ -280,10 +283,13 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
         # no warm-up: the weights move by ~lr per step, far more than the tolerance, so equal weights mean something
         common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4", "--max-steps", "4",
                   "--warmup-steps", "0"]
-        run_script("train_decoder.py", "--stage", "vq", "--vq-channels", "16", "--vq-codes", "64", "--perceptual", "0",
+        run_script("train_vq.py", "--vq-channels", "16", "--vq-codes", "64", "--perceptual", "0",
                    "--restart-interval", "2", "--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1", *common, nproc=nproc)
         run_script("train_decoder.py", "--stage", "maskgit", "--n-layer", "1", *common, nproc=nproc)
-        runs[nproc] = [torch.load(out / f, weights_only=True) for f in ("vq.pt", "decoder.pt")]
+        os.remove(out / "vq_tokens_train.pt")  # the AR decoder encodes the images itself: both paths run under torchrun
+        # (no --dropout: each rank draws dropout for its own rows from its own generator, as in any DDP run)
+        run_script("train_decoder.py", "--stage", "ar", "--n-layer", "1", *common, nproc=nproc)
+        runs[nproc] = [torch.load(out / f, weights_only=True) for f in ("vq.pt", "decoder.pt", "decoder_ar.pt")]
     for one, two in zip(runs[None], runs[2]):
         assert two["history"] == pytest.approx(one["history"], rel=1e-4)
         # the all-reduce sums in another order (~1e-7), and Adam's early steps (~lr = 1e-3 per weight, whatever the
@@ -295,7 +301,7 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
         torch.testing.assert_close(runs[2][0]["disc"][k], runs[None][0]["disc"][k], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "direct", "direct+gan"])
+@pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "ar", "direct", "direct+gan"])
 def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
     """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes every
     2 steps, so the code-use counts since the last restart must survive the checkpoint; with the GAN the
@@ -308,16 +314,21 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
         out.mkdir()
         for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "codebook.pt"):
             os.link(os.path.join(decoder_out, f), out / f)
-        args = ["--stage", stage, "--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4",
-                "--schedule", "constant", "--warmup-steps", "0", "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0",
-                "--restart-interval", "2", "--n-layer", "1", "--eval-interval", "100", "--token-corruption", "0.25", *gan]
-        if name == "straight":
-            train_decoder.main([*args, "--max-steps", "6", "--force"])
+        args = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4",
+                "--schedule", "constant", "--warmup-steps", "0", "--perceptual", "0", "--eval-interval", "100", *gan]
+        if stage == "vq":
+            main, args = train_vq.main, [*args, "--vq-channels", "16", "--vq-codes", "32", "--restart-interval", "2"]
         else:
-            train_decoder.main([*args, "--max-steps", "3", "--force"])
+            main, args = train_decoder.main, ["--stage", stage, *args, "--n-layer", "1", "--token-corruption", "0.25",
+                                              "--dropout", "0" if stage == "direct" else "0.1"]
+        if name == "straight":
+            main([*args, "--max-steps", "6", "--force"])
+        else:
+            main([*args, "--max-steps", "3", "--force"])
             torch.manual_seed(123)  # whatever ran in between: the checkpoint's random state takes over
-            train_decoder.main([*args, "--max-steps", "6", "--resume"])
-        runs[name] = torch.load(out / {"vq": "vq.pt", "maskgit": "decoder.pt", "direct": "direct.pt"}[stage], weights_only=True)
+            main([*args, "--max-steps", "6", "--resume"])
+        runs[name] = torch.load(out / {"vq": "vq.pt", "maskgit": "decoder.pt", "ar": "decoder_ar.pt", "direct": "direct.pt"}[stage],
+                                weights_only=True)
     a, b = runs["straight"], runs["parts"]
     assert b["step"] == a["step"] == 6
     assert b["history"] == pytest.approx(a["history"], rel=1e-6)
@@ -364,7 +375,7 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
         os.link(os.path.join(decoder_out, f), out / f)
     digit, vq_tok = torch.load(out / "tokens_val.pt", weights_only=True), torch.load(out / "vq_tokens_val.pt", weights_only=True)
     vq, vq_ck = load_vq(str(out / "vq.pt"), torch.device("cpu"))
-    assert vq_tok["tokenizer"] == "vq" and vq_tok["codebook"] == vq_ck["fingerprint"] and vq_tok["vocab_size"] == 32
+    assert vq_tok["tokenizer"] == "vq" and vq_tok["lineage"]["vq"] == vq_ck["fingerprint"] and vq_tok["vocab_size"] == 32
     assert tuple(vq_tok["grid"]) == tuple(digit["grid"]) and torch.equal(vq_tok["labels"], digit["labels"])
     assert vq_tok["data"]["index"].tolist() == digit["data"]["index"].tolist() and vq_tok["classes"] == digit["classes"]
     images = ImagesWithTokens(digit, vq_ck["pixel_size"])
@@ -375,9 +386,11 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
     train_gpt.main(["--out", str(out), "--tokenizer", "vq", "--max-steps", "3", "--batch-size", "4", "--n-layer", "1",
                     "--eval-interval", "3", "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
     ck = torch.load(out / "gpt_vq.pt", weights_only=True)
-    assert ck["tokenizer"] == "vq" and ck["vocab_size"] == 32 and ck["tokens"] == vq_ck["fingerprint"] and not (out / "gpt.pt").exists()
+    assert ck["tokenizer"] == "vq" and ck["vocab_size"] == 32 and ck["lineage"]["vq"] == vq_ck["fingerprint"]
+    assert not (out / "gpt.pt").exists()
 
-    tokens, pngs = sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0,1", "--num-samples", "2", "--device", "cpu"])
+    tokens, pngs = sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0,1", "--num-samples", "2", "--device", "cpu",
+                                "--precision", "fp32"])
     assert tokens.shape == (4, 16) and int(tokens.max()) < 32 and pngs.shape == (4, 3, 16, 16)
     assert len([f for f in os.listdir(out / "samples_vq") if f.endswith("png")]) == 4 + 1  # + grid.png
     with torch.no_grad():  # the PNGs are the VQ decoder's pictures of the sampled ids, up to 8-bit rounding
@@ -388,7 +401,7 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
     assert r["tokenizer"] == "vq" and len(r["per_layer"]) == 1 and (out / "probe_vq.json").exists() and (out / "probe_vq.md").exists()
 
     other = torch.load(out / "vq.pt", weights_only=True)
-    other["fingerprint"] = "another-vq"
+    other["lineage"]["vq"] = "another-vq"
     (out / "vq.pt").unlink()
     torch.save(other, out / "vq.pt")
     with pytest.raises(SystemExit, match="different VQs"):
@@ -419,19 +432,22 @@ def test_direct_noise_and_corruption_only_in_training():
     """direct_loss draws noise (std ~ U(0, --feature-noise) x centroid std) and corrupts ids; with both at 0 it is the plain
     pixel loss of model(ids), which is what evaluation and sample.py use (no noise there, and deterministic)."""
     from types import SimpleNamespace
-    from train_decoder import DirectDecoder, direct_loss
+    from train_decoder import Batch, DirectDecoder, direct_loss
     torch.manual_seed(0)
     model = DirectDecoder(vocab=16, dim=8, grid=(2, 2), patch=4, n_layer=1, n_embd=16, n_head=2)
     model.centroids.copy_(torch.randn(16, 8))
     x, ids = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randint(16, (4, 4))
-    parts = dict(perceptual=None, scale=float(model.centroids.std()))
+    parts = dict(perceptual=None, disc=None, scale=float(model.centroids.std()))
+
+    def batch(seed):  # the whole global batch on this one rank
+        return Batch(x, ids, torch.Generator().manual_seed(seed), slice(0, 4), 4)
     args = lambda noise, corrupt: SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
     with torch.no_grad():
-        plain, rec = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(0.0, 0.0), parts, 0, 1, 0)
+        plain, rec = direct_loss(model, model, batch(1), parts, args(0.0, 0.0), 0)
         torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
         torch.testing.assert_close(rec, model(ids))
         for noise, corrupt in ((0.8, 0.0), (0.0, 0.5)):
-            loss, _ = direct_loss(model, model, x, ids, torch.Generator().manual_seed(1), args(noise, corrupt), parts, 0, 1, 0)
+            loss, _ = direct_loss(model, model, batch(1), parts, args(noise, corrupt), 0)
             assert abs(float(loss - plain)) > 1e-4
         assert torch.equal(model(ids), model(ids))
 
@@ -461,7 +477,7 @@ def test_sample_renders_through_the_direct_decoder(decoder_out, tmp_path, capsys
     with pytest.raises(SystemExit, match="direct.pt not found: run train_decoder.py --stage direct first"):
         sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "a")])
     other = torch.load(tmp_path / "direct.pt", weights_only=True)
-    other["tokens"] = "another-codebook"
+    other["lineage"]["codebook"] = "another-codebook"
     torch.save(other, out / "direct.pt")
     with pytest.raises(SystemExit, match="different codebooks"):
         sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "e")])
@@ -475,7 +491,7 @@ def test_direct_stage_refuses_a_codebook_that_did_not_make_the_tokens(decoder_ou
     with pytest.raises(SystemExit, match="codebook.pt not found"):
         train_decoder.main(["--stage", "direct", "--out", str(out), "--max-steps", "1", "--workers", "0"])
     cb = torch.load(os.path.join(decoder_out, "codebook.pt"), weights_only=True)
-    cb["fingerprint"] = "another-fit"
+    cb["lineage"]["codebook"] = "another-fit"
     torch.save(cb, out / "codebook.pt")
     with pytest.raises(SystemExit, match="different codebooks"):
         train_decoder.main(["--stage", "direct", "--out", str(out), "--max-steps", "1", "--workers", "0"])
@@ -502,7 +518,7 @@ def test_direct_upper_bound_trains_on_continuous_features(decoder_out, tmp_path)
 def test_gan_losses_move_the_right_way():
     """The adversarial pieces on a tiny VQ: discriminator steps lower its hinge loss on (real, reconstruction) pairs;
     generator steps on the adversarial term alone (D frozen) raise D's score of the reconstructions."""
-    from train_decoder import disc_loss, patch_discriminator
+    from train_vq import disc_loss, patch_discriminator
     torch.manual_seed(0)
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     vq, disc = VQModel(levels=2, channels=16, codes=16, code_dim=8), patch_discriminator(2, channels=16)
@@ -528,7 +544,7 @@ def test_gan_losses_move_the_right_way():
 
 def test_adaptive_weight_balances_gradient_norms():
     """taming's weight = |grad nll| / |grad g| at the last layer: scaling the adversarial loss by c divides it by c."""
-    from train_decoder import adaptive_weight
+    from train_vq import adaptive_weight
     w = torch.randn(4, 4, requires_grad=True)
     nll, g = (w ** 2).sum(), (w * 3).sum()
     lam = adaptive_weight(nll, g, w)
@@ -554,7 +570,7 @@ def test_maskgit_on_a_pretrained_vq(decoder_out, tmp_path):
     assert 0 <= m["vq_token_acc"] <= 1
     dec = torch.load(out / "decoder.pt", weights_only=True)
     vq, info = load_vq(ckpt, "cpu", grid=(4, 4))
-    assert dec["vq_path"] == os.path.abspath(ckpt) and dec["vq"] == info["fingerprint"]
+    assert dec["vq_path"] == os.path.abspath(ckpt) and dec["lineage"]["vq"] == info["fingerprint"]
     assert dec["pixel_size"] == 16 and dec["model_args"]["vq_codes"] == 64  # 4x4 DiGIT grid x MAGE's 4x downsampling
     train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32"])
     sample.main(["--out", str(out), "--num-samples", "2", "--class", "0", "--device", "cpu"])

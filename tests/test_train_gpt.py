@@ -182,7 +182,7 @@ def test_mismatched_token_files_are_one_line_errors(tmp_path):
     torch.save(val, os.path.join(out, "tokens_val.pt"))
     p = run_script("train_gpt.py", "--out", out, *TINY, check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "disagree on vocab_size: 32 vs 64" in p.stderr.strip().splitlines()[-1]
+    assert "different codebook sizes (digit_vocab 32 vs 64)" in p.stderr.strip().splitlines()[-1]
     make_token_files(out)
     main(["--out", out, "--max-steps", "2", *TINY])
     p = run_script("train_gpt.py", "--out", out, "--resume", *TINY[:-2], "--n-embd", "64", check=False)
