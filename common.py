@@ -192,9 +192,10 @@ def all_reduce(t):
     return t
 
 
-def gather_rows(x, keys, dst=None):
+def gather_rows(x, keys, dst=None, chunk=1 << 16):
     """Every rank's rows of x, sorted by their integer keys (e.g. dataset index): on every rank, or with
-    dst=0 on rank 0 only (the others get (None, None)), so no rank but one ever holds all N rows.
+    dst=0 on rank 0 only, on its CPU (the others get (None, None)), so no other rank, and no GPU, ever
+    holds all N rows: they travel `chunk` rows per rank at a time.
 
     Rank r encodes images r, r+W, r+2W, ...; sorting by image index restores the order one process
     would have produced, so the result does not depend on the number of ranks."""
@@ -202,23 +203,26 @@ def gather_rows(x, keys, dst=None):
         world, rank = dist.get_world_size(), dist.get_rank()
         sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-        m = int(max(sizes))
+        sizes = [int(n) for n in sizes]
+        m = max(sizes)
         pad_x = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
         pad_k = torch.zeros(m, dtype=keys.dtype, device=x.device)
         pad_x[: len(x)], pad_k[: len(keys)] = x, keys.to(x.device)
         here = dst is None or rank == dst
-        xs = [torch.empty_like(pad_x) for _ in range(world)] if here else None
-        ks = [torch.empty_like(pad_k) for _ in range(world)] if here else None
-        if dst is None:
-            dist.all_gather(xs, pad_x)
-            dist.all_gather(ks, pad_k)
-        else:
-            dist.gather(pad_x, xs, dst=dst)
-            dist.gather(pad_k, ks, dst=dst)
+        xs, ks = [[] for _ in range(world)], [[] for _ in range(world)]
+        for s in range(0, max(m, 1), chunk):
+            for t, out in ((pad_x[s: s + chunk], xs), (pad_k[s: s + chunk], ks)):
+                got = [torch.empty_like(t) for _ in range(world)] if here else None
+                if dst is None:
+                    dist.all_gather(got, t)
+                else:
+                    dist.gather(t, got, dst=dst)
+                for r in range(world if here else 0):
+                    out[r].append(got[r] if dst is None else got[r].cpu())
         if not here:
             return None, None
-        x = torch.cat([t[: int(n)] for t, n in zip(xs, sizes)])
-        keys = torch.cat([t[: int(n)] for t, n in zip(ks, sizes)])
+        x = torch.cat([torch.cat(p)[:n] for p, n in zip(xs, sizes)])
+        keys = torch.cat([torch.cat(p)[:n] for p, n in zip(ks, sizes)])
     order = torch.argsort(keys.to(x.device), stable=True)
     return x[order], keys.to(x.device)[order]
 
@@ -253,16 +257,22 @@ def matmul_flops(device, dtype, n=2048, reps=5):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+             "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+
+
 def cpu_has_bf16():
     """True where bf16 matmuls beat fp32 on this CPU: x86 with AMX or AVX512-BF16 (2.4-8x faster, warm);
     without them a bf16 matmul is emulated at ~1 GFLOP/s. Read from the CPU's flags, not timed: the
-    answer is the same in every process of a machine."""
+    answer is the same in every process of a machine. ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN
+    then emulates bf16) counts as no bf16."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:  # not Linux
         return False
-    return platform.machine() in ("x86_64", "AMD64") and bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in BF16_ISAS
+    return platform.machine() in ("x86_64", "AMD64") and bool({"amx_bf16", "avx512_bf16"} & set(flags)) and not capped
 
 
 def autocast_dtype(precision, device):

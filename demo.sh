@@ -3,24 +3,35 @@
 #   bash demo.sh            # everything goes to out/; a finished stage is skipped on a second run
 #   bash demo.sh --force    # redo every stage
 #   DIGIT_OUT=elsewhere bash demo.sh   # another output folder
-# An interrupted training stage continues from its checkpoint (--resume) when run again.
+# An interrupted training stage continues from its checkpoint (--resume) when run again. The precision
+# (bf16 where the CPU has bf16 units, else fp32) is decided once here and given to every stage, so the
+# two GPTs of the ablation and everything they are compared through run in the same one.
 set -euo pipefail
 cd "$(dirname "$0")"
+T_START=$SECONDS
 source ./setup_env.sh requirements.txt
 FORCE=0; [ "${1:-}" = "--force" ] && FORCE=1
 OUT="${DIGIT_OUT:-out}"
 mkdir -p "$OUT"
+if [ "$FORCE" = 1 ]; then  # a forced run redoes every stage: no marker or sample folder of the old run survives
+    rm -f "$OUT"/.done-*
+    rm -rf "$OUT"/samples "$OUT"/samples_vq "$OUT"/rendered_val "$OUT"/rendered_val_vq
+fi
+PRECISION="${DIGIT_PRECISION:-$(python -c 'import torch, common
+print(common.precision_name(common.autocast_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))))')}"
+echo "== precision of every stage: $PRECISION"
 
-stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists
+stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists; its time goes to OUT/timings.txt
     local key="$1" title="$2"; shift 2
-    if [ "$FORCE" = 0 ] && [ -e "$OUT/.done-$key" ]; then
+    if [ -e "$OUT/.done-$key" ]; then
         echo "== $title: done before, skipped (bash demo.sh --force to redo)"
         return
     fi
     echo "== $title"
     local t0=$SECONDS
-    "$@"
+    "$@" --precision "$PRECISION"
     touch "$OUT/.done-$key"
+    echo "$key $((SECONDS - t0))" >> "$OUT/timings.txt"
     echo "== $title: $((SECONDS - t0)) s"
 }
 resume() {  # --resume if an unfinished checkpoint exists
@@ -29,9 +40,9 @@ resume() {  # --resume if an unfinished checkpoint exists
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refuse to overwrite a checkpoint without it
 
-GPT="--max-steps 600 --eval-interval 150 --ckpt-interval 150"  # the same GPT settings for both tokenizers (the paper's ablation)
+GPT="--max-steps 600 --eval-interval 150 --ckpt-interval 150"  # the same GPT for both tokenizers (the paper's ablation)
 SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
-stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" $(refit)
+stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
 stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
 stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" python train_vq.py \
@@ -39,18 +50,22 @@ stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same ima
     $(resume vq.pt) $(force)
 stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
     $(resume gpt_vq.pt) $(force)
-stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit --out "$OUT" \
-    --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
-stage sample "6/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE --show-tokens
-stage sample_vq "7/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq --out "$OUT" $SAMPLE
+stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit \
+    --out "$OUT" --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
+stage sample "6/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE \
+    --show-tokens
+stage sample_vq "7/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq --out "$OUT" \
+    $SAMPLE
 stage probe "8/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
 stage probe_vq "9/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
-stage render "10/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py --out "$OUT" \
-    --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
-stage render_vq "10/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py --tokenizer vq \
-    --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val_vq"
-stage stability "11/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py --out "$OUT" \
-    --images 100
-stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" --samples "$OUT/samples" \
-    --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
-echo "== all done: $OUT/report.md"
+stage render "10/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
+    --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
+stage render_vq "10/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
+    --tokenizer vq --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val_vq"
+stage stability "11/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
+    --out "$OUT" --images 100
+stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" \
+    --samples "$OUT/samples" --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" \
+    --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
+echo "== all done in $(((SECONDS - T_START) / 60)) min $(((SECONDS - T_START) % 60)) s (precision $PRECISION," \
+     "installation included): $OUT/report.md"

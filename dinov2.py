@@ -113,16 +113,22 @@ class ViT(nn.Module):
                 outs.append((self.norm(x) if norm else x)[:, skip:])
         return outs
 
-    def pooled_and_cls(self, x, layer):
-        """Two image descriptors from one pass: the mean of block `layer`'s patch tokens (final norm
-        applied, what the tokens are clustered from) and the CLS token after the last block and norm."""
+    def patches_and_cls(self, x, layer):
+        """Two things from one pass: block `layer`'s patch tokens [B, h*w, D] (final norm applied: what the
+        tokens are clustered from) and the CLS token after the last block and norm [B, D] (eval's feature)."""
         skip = 1 + (0 if self.register_tokens is None else self.register_tokens.shape[1])
         x = self.embed(x)
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i == layer:
-                pooled = self.norm(x)[:, skip:].mean(1)
-        return pooled, self.norm(x[:, :1])[:, 0]
+                patches = self.norm(x)[:, skip:]
+        return patches, self.norm(x[:, :1])[:, 0]
+
+    def pooled_and_cls(self, x, layer):
+        """The two image descriptors of the probe's baseline and eval.py: block `layer`'s patch tokens
+        mean-pooled, and the final CLS token."""
+        patches, cls = self.patches_and_cls(x, layer)
+        return patches.mean(1), cls
 
     def forward(self, x):
         """Last hidden state after the final norm, all tokens (what the ONNX reference outputs)."""
@@ -199,30 +205,44 @@ def load_encoder(name, cache=None):
 
 # ----------------------------------------------------------------------------- cached features of real images
 
+def feature_cache(tok, encoder, size, layer, dtype, out):
+    """The cache file of the DINOv2 descriptors of the images behind a token file, keyed by the data and the
+    extractor (tokenize_kmeans.py writes it while tokenizing; probe.py and eval.py read it)."""
+    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]),
+                       feature_key(encoder, size, layer, dtype)])
+    return os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
+
+
+def feature_key(encoder, size, layer, dtype):
+    return [encoder, size, layer, "bf16" if dtype else "fp32"]
+
+
 @torch.no_grad()
 def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=None):
     """Global DINOv2 descriptors of the real images behind a token file, from one encoder pass: 'pooled'
     (mean-pooled patch features of block `layer`: the probe's baseline) and 'cls' (eval.py's FD_DINOv2
-    feature). Cached in OUT under a name keyed by the data and the extractor, so probe.py and eval.py (and
-    later runs) encode the real images once. dtype: autocast_dtype()'s choice (None: fp32). Under torchrun
-    each rank encodes every world-th image; rows come back in dataset order."""
-    key = [encoder, size, layer, "bf16" if dtype else "fp32"]
-    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]), key])
-    path = os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
-    if os.path.exists(path):
-        f = load_artifact(path, "a cache: delete it and it is computed again")["features"]
-    else:
+    feature), float32 [N, D] each on the CPU. Cached in OUT (feature_cache), so the real images are encoded
+    once for tokenize_kmeans.py, probe.py and eval.py. dtype: autocast_dtype()'s choice (None: fp32).
+    Under torchrun each rank encodes every world-th image, its rows leave the device per batch and are
+    gathered on rank 0 only, which writes the cache; then every rank reads it."""
+    path = feature_cache(tok, encoder, size, layer, dtype, out)
+    if not os.path.exists(path):
         rank, world = rank_world()
         model, images = load_encoder(encoder).to(device), dataset_for_tokens(tok, transform=image_transform(size))
         mine = list(range(rank, len(images), world))
+        loader = DataLoader(Subset(images, mine), batch_size=batch_size)
         feats = []
-        for x, _ in tqdm(DataLoader(Subset(images, mine), batch_size=batch_size), desc=f"DINOv2 features of real {tok['data']['split']}",
-                         leave=False, disable=rank != 0):
+        for x, _ in tqdm(loader, desc=f"DINOv2 features of real {tok['data']['split']}", leave=False,
+                         disable=rank != 0):
             with autocast(device, dtype):
-                feats.append(torch.cat(model.pooled_and_cls(x.to(device), layer), dim=1).float())
-        f = gather_rows(torch.cat(feats), torch.tensor(mine, device=device))[0].cpu()
+                feats.append(torch.cat(model.pooled_and_cls(x.to(device), layer), dim=1).float().cpu())
+        wire = device if device.type == "cuda" else torch.device("cpu")  # NCCL gathers GPU tensors, in chunks
+        f = gather_rows(torch.cat(feats).to(wire), torch.tensor(mine, device=wire), dst=0)[0]
         if rank == 0:
-            save_atomic(dict(features=f, key=key), path)
+            save_atomic(dict(features=f.cpu(), key=feature_key(encoder, size, layer, dtype)), path)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    f = load_artifact(path, "a cache: delete it and it is computed again", mmap=True)["features"]
     return dict(pooled=f[:, : f.shape[1] // 2], cls=f[:, f.shape[1] // 2:])
 
 

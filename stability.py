@@ -34,6 +34,7 @@ out/stability.png, out/toy.png):
     python stability.py --write-photos out_photos/crops   # only write the photo crops as an ImageFolder
 """
 import json
+import math
 import os
 
 import torch
@@ -42,8 +43,9 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from artifacts import prepare_out
-from common import add_system_args, fail, init_distributed, parser, positive_int, seeded
+from artifacts import lineage, prepare_out
+from common import (add_system_args, autocast, autocast_dtype, bounded, fail, init_distributed, parser,
+                    positive_int, seeded)
 from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_token_file, dataset_for_tokens, load_codebook,
                   load_tokens, token_path, wheel_member)
 from dinov2 import load_encoder
@@ -60,18 +62,19 @@ def get_args(argv=None):
     p = parser(__doc__)
     a = p.add_argument_group("experiment").add_argument
     a("--images", type=positive_int, default=200, help="val images (default: %(default)s)")
-    a("--snrs", default=",".join(map(str, SNRS)), help="comma-separated SNRs in dB (default: the paper's %(default)s)")
-    a("--write-photos", default=None, metavar="DIR", help="only write crops of the scikit-image wheel's photos to DIR/{train,val}/photo/ and stop")
-    a("--foreground", type=float, default=0.1, help="a token is 'foreground' if its cell's mean clean pixel value exceeds this (default: %(default)s)")
-    a("--vq", default=None, help="the pixel tokenizer to compare: OUT/vq.pt (default), or a pretrained one in its published layout "
-      "(MAGE's VQGAN, as the paper's Table 1; LlamaGen's VQ-16)")
-    a("--pixel-size", type=positive_int, default=None, help="image side a pretrained --vq sees (default: DiGIT grid side x its downsampling)")
-    add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to", precision=False)
+    a("--snrs", default=",".join(map(str, SNRS)), help="SNRs in dB, comma-separated (default: the paper's)")
+    a("--write-photos", default=None, metavar="DIR", help="only write the photo crops to DIR and stop")
+    a("--foreground", type=bounded(0, 1), default=0.1, help="mean clean pixel of a foreground cell (default: %(default)s)")
+    a("--vq", default=None, help="the pixel tokenizer compared (default: OUT/vq.pt)")
+    a("--pixel-size", type=positive_int, default=None, help="image side a pretrained --vq sees (default: fitted)")
+    add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to")
     args = p.parse_args(argv)
     try:
         args.snrs = [float(s) for s in args.snrs.split(",")]
     except ValueError:
         fail(f"--snrs {args.snrs!r}: expected comma-separated numbers")
+    if not all(math.isfinite(s) for s in args.snrs):
+        fail(f"--snrs {','.join(map(str, args.snrs))}: every SNR must be a finite number of dB")
     return args
 
 
@@ -92,11 +95,12 @@ def resize(x, size):
 # ----------------------------------------------------------------------------- the two tokenizers
 
 class DiGITTokenizer:
-    """Pixels in [0, 1] at any size -> (DINOv2 features [N*h*w, D], K-means ids [N*h*w]) as tokenize_kmeans.py makes them."""
+    """Pixels in [0, 1] at any size -> (DINOv2 features [N*h*w, D], K-means ids [N*h*w]) as tokenize_kmeans.py
+    makes them (the encoder in the run's precision, the nearest centroid in fp32)."""
 
-    def __init__(self, cb, device, batch_size=64):
+    def __init__(self, cb, device, dtype, batch_size=64):
         self.encoder, self.layer, self.size = load_encoder(cb["encoder"]).to(device), cb["layer"], cb["image_size"]
-        self.centroids, self.device, self.batch_size = cb["centroids"].to(device), device, batch_size
+        self.centroids, self.device, self.dtype, self.batch_size = cb["centroids"].to(device), device, dtype, batch_size
         self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def prepare(self, x):
@@ -104,8 +108,9 @@ class DiGITTokenizer:
 
     @torch.no_grad()
     def __call__(self, x):  # x: [N, 3, S, S] already at self.size, in [0, 1] (+ noise)
-        f = torch.cat([self.encoder.get_intermediate_layers(self.norm(c).to(self.device), [self.layer])[0].float()
-                       for c in x.split(self.batch_size)]).flatten(0, 1)
+        with autocast(self.device, self.dtype):
+            f = torch.cat([self.encoder.get_intermediate_layers(self.norm(c).to(self.device), [self.layer])[0].float()
+                           for c in x.split(self.batch_size)]).flatten(0, 1)
         mu = self.centroids.mean(0)  # centred, as tokenize_kmeans.py assigns (float32 precision)
         return f, nearest_centroid(f - mu, self.centroids - mu)[0]
 
@@ -113,8 +118,8 @@ class DiGITTokenizer:
 class VQTokenizer:
     """Pixels in [0, 1] -> (unit-norm VQ encoder outputs [N*h*w, D], VQ code ids [N*h*w]) of vq.pt."""
 
-    def __init__(self, vq, size, device, batch_size=64):
-        self.vq, self.size, self.device, self.batch_size = vq, size, device, batch_size
+    def __init__(self, vq, size, device, dtype, batch_size=64):
+        self.vq, self.size, self.device, self.dtype, self.batch_size = vq, size, device, dtype, batch_size
 
     def prepare(self, x):
         return resize(x, self.size)
@@ -122,16 +127,19 @@ class VQTokenizer:
     @torch.no_grad()
     def __call__(self, x):
         x = (x * 2 - 1).to(self.device)
-        # one encoder pass per chunk: the latents the codes were picked for, and the ids
-        parts = [self.vq.encode_latents(c) for c in x.split(self.batch_size)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).flatten()
+        with autocast(self.device, self.dtype):  # one encoder pass per chunk: the latents and their codes
+            parts = [self.vq.encode_latents(c) for c in x.split(self.batch_size)]
+        return torch.cat([p[0].float() for p in parts]), torch.cat([p[1] for p in parts]).flatten()
 
 
-def load_tokenizers(out, val_tok, device, vq_path=None, pixel_size=None):
-    """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt (or --vq)."""
+def load_tokenizers(out, val_tok, device, dtype, vq_path=None, pixel_size=None):
+    """The DiGIT tokenizer of codebook.pt (checked against tokens_val.pt) and the pixel VQ of vq.pt (or --vq),
+    and the VQ's lineage."""
     cb = load_codebook(out, val_tok, "val")
-    vq, vq_ck = load_vq(vq_path or os.path.join(out, "vq.pt"), device, grid=tuple(val_tok["grid"]), pixel_size=pixel_size)
-    return {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device), "DiGIT": DiGITTokenizer(cb, device)}
+    path = vq_path or os.path.join(out, "vq.pt")
+    vq, vq_ck = load_vq(path, device, grid=tuple(val_tok["grid"]), pixel_size=pixel_size)
+    tokenizers = {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device, dtype), "DiGIT": DiGITTokenizer(cb, device, dtype)}
+    return tokenizers, vq_ck
 
 
 def native_images(val_tok, n):
@@ -309,9 +317,10 @@ def main(argv=None):
     rank, _, device = init_distributed(args.device, args.dist_timeout)
     if rank != 0:  # a small experiment: one process does it (under torchrun the others just wait for it to end)
         return None
+    dtype = autocast_dtype(args.precision, device)
     val_tok = load_tokens(out, "val")
     check_token_file(val_tok, f"{out}/tokens_val.pt")
-    tokenizers = load_tokenizers(out, val_tok, device, args.vq, args.pixel_size)
+    tokenizers, vq_ck = load_tokenizers(out, val_tok, device, dtype, args.vq, args.pixel_size)
     images = native_images(val_tok, min(args.images, len(val_tok["tokens"])))
     n = len(images)
 
@@ -323,9 +332,10 @@ def main(argv=None):
                   # the clean ids recomputed here (float tensor resize) vs the token files (PIL resize of uint8 images): a
                   # perturbation far below any SNR above, and how many ids it already changes
                   resize_agreement=dict(DiGIT=float((clean["DiGIT"][1].view(n, -1).cpu() == val_tok["tokens"][:n].long()).float().mean())))
-    if os.path.exists(token_path(out, "val", "vq")):
-        vq_tok = load_tokens(out, "val", "vq")
-        result["resize_agreement"]["VQ"] = float((clean["VQ"][1].view(n, -1).cpu() == vq_tok["tokens"][:n].long()).float().mean())
+    vq_tok = load_tokens(out, "val", "vq") if os.path.exists(token_path(out, "val", "vq")) else None
+    if vq_tok is not None and lineage(vq_tok).get("vq") == lineage(vq_ck).get("vq"):  # that VQ's own ids only
+        same = clean["VQ"][1].view(n, -1).cpu() == vq_tok["tokens"][:n].long()
+        result["resize_agreement"]["VQ"] = float(same.float().mean())
     toy = toy_pca_lda(seed=args.seed)
     result["toy"] = dict(noises=toy["noises"], accuracy=toy["accuracy"])
 

@@ -47,7 +47,7 @@ from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail,
                     seeded)
 from data import (DEFAULT_CACHE, AllViews, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset,
                   max_views, pixel_transform)
-from dinov2 import ENCODERS, load_encoder
+from dinov2 import ENCODERS, feature_cache, feature_key, load_encoder
 
 # Per-dataset defaults: the demo is small enough for a CPU, ImageFolder gets the paper's setting.
 PRESETS = {
@@ -198,22 +198,28 @@ def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True, dtype=Non
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def encode(model, dataset, indices, layer, args, device, rank, desc):
-    """Yield (features [b, h*w, D] float32, or [b, V, h*w, D] for a dataset of AllViews, labels, dataset
-    indices, unreadable names) for this rank's images."""
+def encode(model, dataset, indices, layer, args, device, rank, desc, cls=False):
+    """Yield (features [b, h*w, D] float32, or [b, V, h*w, D] for a dataset of AllViews; with cls=True also the
+    images' global descriptors [b, 2D] (mean-pooled features | final CLS: the feature cache of probe.py and
+    eval.py, for two more encoder blocks than the tokens need), labels, dataset indices, unreadable names)
+    for this rank's images."""
     loader = DataLoader(SkipBad(dataset, indices), batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=collate_skip, pin_memory=device.type == "cuda")
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=rank != 0, dynamic_ncols=True)
     with torch.inference_mode():
         for imgs, labels, idx, bad in loader:
-            feats = None
+            feats = descr = None
             if imgs is not None:
                 x = imgs.to(device, non_blocking=True)
                 with autocast(device, args.dtype):
-                    feats = model.get_intermediate_layers(x.flatten(0, -4), [layer])[0].float()
-                feats = feats.view(*x.shape[:-3], *feats.shape[1:])
+                    if cls:
+                        feats, last = model.patches_and_cls(x, layer)
+                        descr = torch.cat([feats.float().mean(1), last.float()], dim=1).cpu()
+                    else:
+                        feats = model.get_intermediate_layers(x.flatten(0, -4), [layer])[0]
+                feats = feats.float().view(*x.shape[:-3], *feats.shape[1:])
             bar.update(len(idx) + len(bad))
-            yield feats, labels, idx, [dataset.name(i) for i in bad]
+            yield feats, descr, labels, idx, [dataset.name(i) for i in bad]
     bar.close()
 
 
@@ -235,8 +241,9 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     keep_all = n_img == len(train) and args.views == 1 and \
         n_img * hw * model.norm.weight.numel() * 4 <= KEEP_FEATURES_BYTES * world
     points, keys, batches = [], [], []
-    for batch in encode(model, train, images[rank::world].tolist(), layer, args=args, device=device, rank=rank, desc="encode (fit)"):
-        feats, _, idx, _ = batch
+    for batch in encode(model, train, images[rank::world].tolist(), layer, args=args, device=device, rank=rank,
+                        desc="encode (fit)", cls=keep_all):
+        feats, _, _, idx, _ = batch
         if keep_all:
             batches.append(batch)
         if feats is None:  # every image of this batch was unreadable
@@ -268,21 +275,22 @@ def fit_codebook(args, model, train, layer, device, rank, world):
 
 
 def tokenize_split(batches, centroids, device):
-    """Tokens [N, h*w] (or [N, V, h*w] for batches of views), labels [N], dataset indices [N], the names of
-    unreadable images (dropped) and how many codes were used, of a whole split in dataset order, from
-    encode()'s batches of every rank: on rank 0 (the other ranks get None), so no other rank ever holds
-    the whole split. Ids leave the device per batch, in the smallest dtype that holds K."""
+    """Tokens [N, h*w] (or [N, V, h*w] for batches of views), labels [N], dataset indices [N], the images'
+    global descriptors [N, 2D] (or None), the names of unreadable images (dropped) and how many codes were
+    used, of a whole split in dataset order, from encode()'s batches of every rank: on rank 0 (the other
+    ranks get None), so no other rank ever holds the whole split. Ids leave the device per batch."""
     mean = centroids.mean(0)  # any centre works; this one keeps the fp32 distance accurate
     C = centroids - mean
-    tokens, labels, keys, bad_names = [], [], [], []
+    tokens, descr, labels, keys, bad_names = [], [], [], [], []
     counts = torch.zeros(len(centroids), dtype=torch.long, device=device)  # codes used, counted per batch
-    for feats, lab, idx, bad in batches:
+    for feats, d, lab, idx, bad in batches:
         bad_names += bad
         if feats is not None:
             ids = nearest_centroid((feats - mean).flatten(0, -2), C)[0]
             counts += torch.bincount(ids, minlength=len(centroids))
             # int32 on the wire: every backend (gloo, NCCL) can gather it; int16/uint8 once on rank 0
             tokens.append(ids.view(*feats.shape[:-2], -1).int())
+            descr += [d] if d is not None else []
             labels.append(lab.to(device))
             keys.append(idx.to(device))
     tokens = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int32, device=device)
@@ -291,10 +299,12 @@ def tokenize_split(batches, centroids, device):
     used = int((all_reduce(counts) > 0).sum())
     tokens, index = gather_rows(tokens, keys, dst=0)
     labels, _ = gather_rows(labels, keys, dst=0)
+    descr = gather_rows(torch.cat(descr).to(device), keys, dst=0)[0] if descr else None
     bad_names = sorted(sum(gather_objects(bad_names), []))
     if tokens is None:
-        return None, None, None, bad_names, used
-    return tokens.cpu().to(token_dtype(len(centroids))), labels.cpu(), index.cpu(), bad_names, used
+        return None, None, None, None, bad_names, used
+    dtype = token_dtype(len(centroids))
+    return tokens.cpu().to(dtype), labels.cpu(), index.cpu(), descr, bad_names, used
 
 
 def token_dtype(k):
@@ -394,8 +404,8 @@ def main(argv=None):
         desc = f"tokenize {split}" + (f" ({args.views} views)" if ds is not train and split == "train" else "")
         batches = train_batches if split == "train" and train_batches is not None else \
             encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank,
-                   desc=desc)
-        tokens, labels, index, bad, used = tokenize_split(batches, centroids, device)
+                   desc=desc, cls=ds is train or ds is val)
+        tokens, labels, index, descr, bad, used = tokenize_split(batches, centroids, device)
         if rank != 0:
             continue
         if bad:
@@ -403,13 +413,17 @@ def main(argv=None):
                   + (" ..." if len(bad) > 10 else ""))
         path = os.path.join(args.out, f"tokens_{split}.pt")
         views = dict(views=args.views, view_flips=args.view_flips) if split == "train" and args.views > 1 else {}
-        save_atomic(dict(tokens=tokens, grid=(side, side), vocab_size=args.k, labels=labels,
-                         **views, classes=list(ds.classes), skipped=bad, precision=precision,
-                         data=dict(name=data_name, root=data_root, split=split, index=index),
-                         encoder=args.encoder, layer=layer, image_size=args.image_size,
-                         codebook=tensor_fingerprint(centroids),  # which codebook made them (checked downstream)
-                         lineage=dict(tokenizer_lineage(args, layer, side, centroids), tokenizer="digit")), path)
+        tok = dict(tokens=tokens, grid=(side, side), vocab_size=args.k, labels=labels, **views,
+                   classes=list(ds.classes), skipped=bad, precision=precision,
+                   data=dict(name=data_name, root=data_root, split=split, index=index),
+                   encoder=args.encoder, layer=layer, image_size=args.image_size,
+                   codebook=tensor_fingerprint(centroids),  # which codebook made them (checked downstream)
+                   lineage=dict(tokenizer_lineage(args, layer, side, centroids), tokenizer="digit"))
+        save_atomic(tok, path)
         print(f"{split}: {len(tokens)} images x {side}x{side} tokens, {used}/{args.k} codes used -> {path}")
+        if descr is not None:  # the images' DINOv2 descriptors, encoded anyway: probe.py and eval.py read them
+            save_atomic(dict(features=descr.cpu(), key=feature_key(args.encoder, args.image_size, layer, args.dtype)),
+                        feature_cache(tok, args.encoder, args.image_size, layer, args.dtype, args.out))
     finish_distributed()
 
 

@@ -48,9 +48,23 @@ def test_train_features_kept_from_the_fit_give_the_tokens_of_a_second_pass(image
     model = load_encoder(args.encoder, args.cache)
     centroids, _, kept = tk.fit_codebook(args, model, train, 9, cpu, 0, 1)
     assert kept is not None  # 24 readable images: the fit encodes all of them
-    again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again")
+    again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again", cls=True)
     a, b = tk.tokenize_split(kept, centroids, cpu), tk.tokenize_split(again, centroids, cpu)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[3] == b[3] == [train.name(24)] and a[4] == b[4]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[4] == b[4] == [train.name(24)] and a[5] == b[5]
+    torch.testing.assert_close(a[3], b[3])  # the images' descriptors (the feature cache) too
+
+
+def test_the_feature_cache_tokenize_writes_is_what_probe_and_eval_would_compute(tokenized, tmp_path):
+    """tokenize_kmeans.py writes the DINOv2 descriptors (block-9 patches mean-pooled | final CLS) of every image it
+    encoded anyway; dinov2_features computing them afresh gives the same (cached = uncached)."""
+    from dinov2 import dinov2_features, feature_cache
+    out, _ = tokenized
+    for split in ("train", "val"):
+        tok = load(out, f"tokens_{split}.pt")
+        cached = torch.load(feature_cache(tok, tok["encoder"], tok["image_size"], tok["layer"], None, out), weights_only=True)
+        fresh = dinov2_features(tok, tok["encoder"], tok["image_size"], tok["layer"], 8, torch.device("cpu"), str(tmp_path))
+        assert cached["features"].shape == (len(tok["tokens"]), 2 * 384)
+        torch.testing.assert_close(cached["features"], torch.cat([fresh["pooled"], fresh["cls"]], 1), rtol=1e-4, atol=1e-4)
 
 
 def test_corrupt_image_is_skipped_and_named(tokenized):
