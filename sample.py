@@ -25,6 +25,7 @@ continues. manifest.json says what the folder holds and whether it is complete (
 """
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -76,12 +77,13 @@ def get_args(argv=None):
 
 @torch.no_grad()
 def generate(model, labels, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, gen=None, use_cache=True,
-             progress=False, dtype=None):
+             progress=False, dtype=None, length=None):
     """DiGIT tokens [B, T] for class labels [B] (model.null_class: unconditional), one token per step, drawn on
     the model's device (gen: a generator there). With cfg_scale != 1 the conditional rows and their null-class
     twins run as one batch of 2B and the logits are mixed as uncond + s * (cond - uncond) (Ho & Salimans 2022).
-    dtype: the KV cache's (the autocast dtype sampling runs in)."""
-    B, T = len(labels), model.block_size
+    dtype: the KV cache's (the autocast dtype sampling runs in). length: tokens to draw (default: the block size;
+    a converted official GPT has one position more than its h*w tokens)."""
+    B, T = len(labels), length or model.block_size
     device = model.tok_emb.weight.device
     guided = cfg_scale != 1.0
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
@@ -103,7 +105,7 @@ def parse_classes(spec, classes):
     out = []
     for item in spec.split(","):
         item = item.strip()
-        if item.isascii() and item.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", item):
             idx = int(item)
             if not 0 <= idx < len(classes):
                 fail(f"class {idx} is out of range: the model knows {len(classes)} classes (0..{len(classes) - 1})")
@@ -202,7 +204,8 @@ def sample_batch(args, models, labels, tokens, n, gen, dtype):
             rows = torch.full((n,), gpt.null_class, device=device) if labels is None else labels
             cfg = args.cfg_scale if labels is not None else 1.0
             tokens = generate(gpt, rows, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              cfg_scale=cfg, gen=gen, use_cache=not args.no_cache, progress=True, dtype=dtype)
+                              cfg_scale=cfg, gen=gen, use_cache=not args.no_cache, progress=True, dtype=dtype,
+                              length=args.length)
         if args.tokens_only:
             return tokens, None
         return tokens, render(tokens, gen).float().cpu()
@@ -273,6 +276,7 @@ def main(argv=None):
     if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0 and rank == 0:
         print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained",
               file=sys.stderr)
+    args.length = gpt_ck["grid"][0] * gpt_ck["grid"][1]  # h*w tokens per image
     labels, given, note = sampling_plan(args, gpt, gpt_ck, device)  # checks --class and --from-tokens first
     render, used, renderer = (None, {}, "none (--tokens-only)") if args.tokens_only else \
         load_renderer(args, gpt_ck, device, dtype)
@@ -285,7 +289,8 @@ def main(argv=None):
     # What the folder holds: the settings and the checkpoints' fingerprints (no paths: a moved folder resumes).
     # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so the
     # images do not depend on the number of ranks, and a batch whose part file exists is already done.
-    skip = ("out", "samples_dir", "device", "show_tokens", "no_npz", "from_tokens", "vq", "dist_timeout", "precision")
+    skip = ("out", "samples_dir", "device", "show_tokens", "no_npz", "from_tokens", "vq", "dist_timeout", "precision",
+            "length")
     settings = {k: v for k, v in vars(args).items() if k not in skip}
     settings.update(precision=precision_name(dtype), models=[gpt_ck.get("fingerprint")] + [
         ck.get("fingerprint") for ck in used.values()], given=tensor_fingerprint(given) if given is not None else None)

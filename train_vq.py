@@ -255,7 +255,8 @@ def main(argv=None):
     model = VQModel(**model_args).to(device)
     perceptual = DinoPerceptual(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual else None
     disc = patch_discriminator(args.disc_layers).to(device) if args.disc_weight > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                  fused=device.type == "cuda")
     disc_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
     tokenizer = {k: v for k, v in lineage(train_tok).items() if k != "tokenizer"}  # the DiGIT grid it serves
     ckpt = Checkpoint(os.path.join(args.out, "vq.pt"), args, model_args, dict(tokenizer, vq_codes=args.vq_codes),
@@ -277,9 +278,11 @@ def main(argv=None):
               f"{precision_name(dtype)}")
 
     # -- the training loop: global batches by step (StepSampler), each rank loads its slice
-    loader = DataLoader(train, batch_size=args.batch_size // world, sampler=StepSampler(len(train), args.batch_size,
-                        args.seed, step, rank, world), num_workers=0 if train.cached is not None else args.workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())  # the global RNG: untouched
+    workers = 0 if train.cached is not None else args.workers
+    sampler = StepSampler(len(train), args.batch_size, args.seed, step, rank, world)
+    loader = DataLoader(train, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # the global RNG: untouched
     bar = tqdm(total=args.max_steps, initial=step, desc="train VQ", unit="step", disable=rank != 0, dynamic_ncols=True)
     metrics = state.get("metrics", {})
     for x, _, _ in loader:

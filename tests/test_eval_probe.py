@@ -85,13 +85,13 @@ def test_probe_features_do_not_see_the_label():
     model = GPT(vocab_size=16, block_size=9, n_classes=3, n_layer=2, n_embd=16, n_head=2).eval()
     tokens = torch.randint(16, (4, 9))
     f = gpt_features(model, tokens, 2, torch.device("cpu"))
-    assert f.shape == (2, 4, 16)
+    assert f.shape == (4, 2, 16) and f.dtype == torch.float16  # [N, layers, C], compact on the CPU
     model.cls_emb.weight.data[:3] = 5.0  # changing the class rows must not change the (null-class) features
     torch.testing.assert_close(gpt_features(model, tokens, 2, torch.device("cpu")), f)
 
 
 def test_bag_of_tokens():
-    h = bag_of_tokens(dict(tokens=torch.tensor([[0, 0, 1, 3]]), vocab_size=4))
+    h = bag_of_tokens(torch.tensor([[0, 0, 1, 3]]), 4)
     assert h.tolist() == [[0.5, 0.25, 0.0, 0.25]]
 
 
@@ -99,7 +99,7 @@ def test_samples_of_mixed_sizes_are_resized_and_labels_parsed(tmp_path, capsys):
     for i, size in enumerate([16, 16, 20]):
         Image.new("RGB", (size, size), (i * 50, 0, 0)).save(tmp_path / f"{i:05d}_class{i + 1}.png")
     Image.new("RGB", (50, 50)).save(tmp_path / "grid.png")  # sample.py's grid is not a sample
-    files, labels, size = list_samples(str(tmp_path))
+    files, labels, size, _ = list_samples(str(tmp_path))
     x = load_images(files, size)
     assert x.shape == (3, 3, 16, 16) and labels.tolist() == [1, 2, 3]
     assert "resizing all to (16, 16)" in capsys.readouterr().err

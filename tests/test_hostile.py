@@ -137,7 +137,7 @@ def test_eval_json_keeps_the_sections_of_earlier_runs(tmp_path, monkeypatch):
     with open(os.path.join(out, "eval.json"), "w") as f:
         f.write('{"stability": {"VQ": [], "DiGIT": []}, "rendered": {"n_samples": 4}, "rendered_vq": {"n_samples": 3}}')
     scores = dict(n_samples=2, n_real=4, fd_dinov2=1.0, classifier_score=1.0, class_agreement=1.0, precision=1.0, recall=1.0)
-    monkeypatch.setattr(evaluate, "generative_scores", lambda *a, **k: scores)
+    monkeypatch.setattr(evaluate, "score_folders", lambda *a, **k: dict(generative=scores))
     (tmp_path / "s").mkdir()
     res = evaluate.main(["--out", out, "--samples", str(tmp_path / "s")])
     # kept; the old "stability" section is dropped: stability.py writes stability.json now
@@ -259,3 +259,99 @@ def test_dist_timeout_is_a_checked_flag_of_every_script():
     assert train_gpt.get_args(["--dist-timeout", "30"]).dist_timeout == 30
     with pytest.raises(SystemExit):
         train_gpt.get_args(["--dist-timeout", "0"])
+
+
+# ----------------------------------------------------------------------------- second pass: the newer surfaces
+
+def test_an_incomplete_or_foreign_sample_folder_is_named(tmp_path):
+    """A folder a killed sample.py left (manifest: not complete) is refused unless --allow-incomplete, which says how
+    many of the planned samples it scores; a 0-byte PNG (a killed writer) is one line naming the file."""
+    from PIL import Image
+    from artifacts import write_json
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i:05d}_class0.png")
+    write_json(dict(settings={}, n=5, complete=False), str(tmp_path / "manifest.json"))
+    with pytest.raises(SystemExit, match="is incomplete .3 of the 5 samples sample.py planned"):
+        evaluate.list_samples(str(tmp_path))
+    assert evaluate.list_samples(str(tmp_path), allow_incomplete=True)[3] == "3 of the 5 samples sample.py planned"
+    (tmp_path / "00003_class0.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match="00003_class0.png is not a readable image"):
+        evaluate.list_samples(str(tmp_path), allow_incomplete=True)
+
+
+def test_a_sample_folder_has_one_writer(tmp_path):
+    """Two sample.py runs into one folder at once: the second is refused while the first's process lives; a lock a
+    killed run left is taken over."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = artifacts.SampleFolder(str(tmp_path / "s"), dict(a=1), 4)
+        (tmp_path / "s" / ".writer").write_text(str(sleeper.pid))
+        with pytest.raises(SystemExit, match=f"being written by another sample.py .process {sleeper.pid}"):
+            folder.claim(0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    folder.claim(0)  # the writer is gone: its lock is stale
+    assert (tmp_path / "s" / ".writer").read_text() == str(os.getpid())
+    other = artifacts.SampleFolder(str(tmp_path / "s"), dict(a=2), 4)
+    os.remove(tmp_path / "s" / ".writer")
+    with pytest.raises(SystemExit, match="holds samples made with other settings"):
+        other.claim(0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: dict(t, tokens=torch.cat([t["tokens"], t["tokens"][:3]])), "labels for"),  # more rows than labels
+    (lambda t: dict(t, labels=torch.cat([t["labels"], t["labels"][:3]])), "labels for"),  # fewer rows than labels
+    (lambda t: dict(t, tokens=t["tokens"][:, None][:, :0]), "views >= 1"),  # zero views
+    (lambda t: dict(t, tokens=t["tokens"] - 1), "outside 0..31"),  # negative ids
+    (lambda t: dict(t, tokens=t["tokens"].float()), "not integers"),  # float ids
+])
+def test_inconsistent_token_files_are_one_line_errors(tmp_path, change, message):
+    out = make_token_files(str(tmp_path))
+    path = os.path.join(out, "tokens_train.pt")
+    torch.save(change(torch.load(path, weights_only=True)), path)
+    one_line_error(train_gpt.main, ["--out", out, "--max-steps", "2", *TINY], message)
+
+
+def test_malformed_vq_checkpoints_are_one_line_errors(tmp_path):
+    """Our layout with a wrong shape, unexpected model_args, a missing weight, a model that is not a dict, NaN codes;
+    MAGE's layout missing a weight, an int where a tensor belongs, zero channels: each one line naming the file."""
+    from test_vqgan import official_state_dict, write_checkpoint
+    from vqgan import VQModel, load_vq
+    args = dict(levels=2, channels=16, codes=32, code_dim=8)
+    good = dict(model=VQModel(**args).state_dict(), model_args=args, grid=(4, 4), pixel_size=16, fingerprint="f")
+    cases = [(dict(good, model={**good["model"], "codebook.weight": torch.zeros(32, 9)}), "do not fit its model_args"),
+             (dict(good, model_args=dict(args, extra=1)), "do not build a VQModel"),
+             (dict(good, model={k: v for k, v in good["model"].items() if k != "codebook.weight"}), "do not fit"),
+             (dict(good, model=[1, 2]), "no 'model' state dict"),
+             (dict(good, model={**good["model"], "codebook.weight": torch.full((32, 8), float("nan"))}), "NaN")]
+    path, fx = write_checkpoint(tmp_path, "mage", lambda sd: {"state_dict": sd})
+    sd = official_state_dict(fx)
+    cases += [({"state_dict": {k: v for k, v in sd.items() if k != "encoder.conv_out.weight"}}, "incomplete or malformed"),
+              ({"state_dict": dict(sd, **{"encoder.conv_out.bias": 3})}, "is a int, not a tensor"),
+              ({"state_dict": dict(sd, **{"encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)})}, "mage layout")]
+    for i, (ck, message) in enumerate(cases):
+        torch.save(ck, tmp_path / f"bad{i}.pt")
+        with pytest.raises(SystemExit) as e:
+            load_vq(str(tmp_path / f"bad{i}.pt"), "cpu")
+        assert message in str(e.value) and f"bad{i}.pt" in str(e.value) and "\n" not in str(e.value), (i, str(e.value))
+
+
+def test_pipes_and_legacy_files(tmp_path):
+    """A named pipe given as a checkpoint is refused at once (opening it would block); a checkpoint in torch's old
+    non-zip format loads (it cannot be memory-mapped)."""
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(SystemExit, match="not a regular file"):
+        artifacts.load_artifact(str(tmp_path / "pipe"), "x", mmap=True)
+    torch.save({"step": 3, "w": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert artifacts.load_artifact(str(tmp_path / "old.pt"), "x", mmap=True)["step"] == 3
+
+
+def test_user_numbers_are_finite_and_in_range():
+    import stability
+    for bad in ("nan", "20,inf", "-inf"):
+        with pytest.raises(SystemExit, match="finite"):
+            stability.get_args([f"--snrs={bad}"])
+    for spec in ("--1", "²", "1,²"):
+        with pytest.raises(SystemExit, match="unknown class"):
+            sample.parse_classes(spec, ["a", "b"])

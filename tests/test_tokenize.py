@@ -141,7 +141,7 @@ def test_token_dtype():
     (["--layer", "12"], "out of range"),
     (["--layer", "-13"], "out of range"),
     (["--k", "100000"], "larger than the number"),
-    (["--encoder", "dinov3_vit"], "invalid choice"),  # argparse: last of several --encoder wins
+    (["--encoder", "dinov3_vit"], "unknown encoder 'dinov3_vit'"),  # the last of several --encoder wins
 ])
 def test_bad_input_is_a_one_line_error(args, message, image_folder, tmp_path, capsys):
     """In-process (fail() is SystemExit with a one-line message; argparse prints its own line and exits with 2)."""
@@ -170,18 +170,27 @@ def test_gallery_draws_patches_of_codes(tokenized):
     assert img.size[0] == 2 + 10 * (42 + 2)  # 10 patches of 42 px (the patch + one patch of context) per row
 
 
-def test_views_are_crops_and_mirrors_and_view_0_is_the_plain_image(image_folder):
+def test_views_are_shifts_and_mirrors_and_view_0_is_the_plain_image(image_folder):
+    """The official augmentation at fixed points: view 0 the centre crop, then crops shifted along the longer side
+    and their mirrors, never a zoom; the official tokenizer input (--crop-size 256): a 256 px crop resized to 224."""
+    import torch.nn.functional as F
     from data import image_transform, max_views, view_transform
     from PIL import Image
-    img = Image.open(os.path.join(image_folder, "train", "disc", sorted(os.listdir(os.path.join(image_folder, "train", "disc")))[0])).convert("RGB")
+    import numpy as np
+    ramp = np.tile(np.linspace(0, 255, 80, dtype=np.uint8)[None, :, None], (56, 1, 3))
+    ramp[:, :10, 1:] = 0  # red at the left edge: the crops that contain it
+    img = Image.fromarray(ramp)
     plain = image_transform(56)(img)
     assert torch.equal(view_transform(56, 0, True)(img), plain)
     assert torch.equal(view_transform(56, 1, True)(img), plain.flip(-1))  # with flips: view 1 is the mirror image
-    digits = [view_transform(56, v, False)(img) for v in range(max_views(False))]  # no flips: centre + 4 corners
-    natural = [view_transform(56, v, True)(img) for v in range(max_views(True))]
-    assert all(v.shape == plain.shape for v in digits + natural)
-    assert all(not torch.equal(a, b) for i, a in enumerate(digits) for b in digits[i + 1:])  # 5 different crops
-    assert torch.equal(natural[2], digits[1]) and torch.equal(natural[6], digits[1].flip(-1))  # top-left crop, its mirror
+    views = [view_transform(56, v, True)(img) for v in range(max_views(True))]
+    assert all(v.shape == plain.shape for v in views) and len(views) == 10
+    left = views[2]  # offset 0: the crop at the left edge holds the whole bar
+    assert left[1, :, :10].mean() < plain[1, :, :10].mean() and torch.equal(views[3], left.flip(-1))
+    assert all(not torch.equal(views[a], views[b]) for a in range(0, 10, 2) for b in range(a + 2, 10, 2))
+    t = image_transform(14, crop=16)(img)  # resize the shorter side to 16, crop 16, then 14 px bicubic
+    big = image_transform(16)(img)
+    torch.testing.assert_close(t, F.interpolate(big[None], size=(14, 14), mode="bicubic", align_corners=False)[0])
 
 
 def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
@@ -197,6 +206,7 @@ def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
     assert views["view_flips"] is True  # an ImageFolder: mirrored views
     assert torch.equal(views["tokens"][:, 0], plain["tokens"])
     assert not torch.equal(views["tokens"][:, 1], plain["tokens"])  # the mirrored images have other tokens
+    assert not torch.equal(views["tokens"][:, 2], plain["tokens"])  # and the shifted crops
     assert torch.equal(load(tmp_path, "tokens_val.pt")["tokens"], load(out, "tokens_val.pt")["tokens"])
     from data import load_tokens
     assert torch.equal(load_tokens(str(tmp_path), "train")["tokens"], plain["tokens"])  # what probe/eval/decoders read
@@ -206,5 +216,13 @@ def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
     assert torch.load(tmp_path / "gpt.pt", weights_only=True)["views"] == 3
     import probe
     probe.main(["--out", str(tmp_path), "--epochs", "1", "--device", "cpu"])
+    # stage 2 reads the views too: item i * V + v is image i cut and mirrored as view v, with view v's tokens
+    from data import ImagesWithTokens, dataset_for_tokens, pixel_transform, unchanged, view_geometry
+    ds = ImagesWithTokens(views, 16)
+    assert len(ds) == 3 * len(plain["tokens"])
+    x, t, _ = ds[1 * 3 + 2]
+    where, flip = view_geometry(2, True)
+    assert torch.equal(t, views["tokens"][1, 2].long())
+    assert torch.equal(x, pixel_transform(16, where=where, flip=flip)(dataset_for_tokens(views, transform=unchanged)[1][0]))
     p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "6", "--no-view-flips", check=False)
     assert p.returncode != 0 and "--views 6: at most 5 without flips" in p.stderr

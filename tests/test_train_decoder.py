@@ -225,7 +225,7 @@ def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
 
     # With a weights file (random weights of the same network: the wiring, not the numbers) FID and IS come from
     # torch-fidelity, on exactly the images the README names: the sample PNGs, and the val images resized
-    # (shorter side, bicubic) and centre-cropped to the samples' size. The reference reads both sets itself.
+    # (shorter side, bilinear as the official prepare_imgnet_val.py) and centre-cropped to the samples' size. The reference reads both sets itself.
     torch.save(random_inception_weights(), tmp_path / "inception.pth")
     run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--precision", "fp32", "--inception", "on",
                "--inception-weights", tmp_path / "inception.pth", nproc=2)
@@ -233,7 +233,7 @@ def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
     assert two["fd_dinov2"] == pytest.approx(one["fd_dinov2"], rel=1e-4)  # 2 processes, fp32: the same features
     samples = sorted(glob.glob(os.path.join(rendered, "0*.png")))
     size = Image.open(samples[0]).size[0]
-    crop = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(size),
+    crop = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(size),
                                transforms.PILToTensor()])
     val_root = torch.load(os.path.join(decoder_out, "tokens_val.pt"), weights_only=True)["data"]["root"]
     val_files = sorted(glob.glob(os.path.join(val_root, "val", "*", "*.png")))
@@ -576,10 +576,62 @@ def test_maskgit_on_a_pretrained_vq(decoder_out, tmp_path):
     sample.main(["--out", str(out), "--num-samples", "2", "--class", "0", "--device", "cpu"])
     pngs = sorted(f for f in os.listdir(out / "samples") if f.endswith("_class0.png"))
     assert len(pngs) == 2 and Image.open(out / "samples" / pngs[0]).size == (16, 16)
+    os.link(os.path.join(decoder_out, "vq_tokens_val.pt"), out / "vq_tokens_val.pt")  # made by another VQ
     r = stability.main(["--out", str(out), "--vq", ckpt, "--images", "4", "--snrs", "20", "--device", "cpu"])
-    assert set(r["fair"]) == {"VQ", "DiGIT"}
+    assert set(r["fair"]) == {"VQ", "DiGIT"} and set(r["resize_agreement"]) == {"DiGIT"}  # not compared with them
     for bad, msg in ((str(tmp_path), "is a folder"), (os.path.join(decoder_out, "tokens_val.pt"), "none of vq.pt")):
         with pytest.raises(SystemExit, match=msg):
             train_decoder.main(["--stage", "maskgit", "--vq", bad, "--max-steps", "1", "--n-layer", "1", "--force", *common])
     with pytest.raises(SystemExit, match="use --pixel-size 16"):
         train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--pixel-size", "32", "--max-steps", "1", "--force", *common])
+
+
+def test_missing_vq_tokens_are_written_without_training(decoder_out, tmp_path):
+    """The hint for missing vq_tokens_*.pt names train_vq.py --tokens-only, which writes them from the finished vq.pt
+    and never trains it further (the old hint, --resume, trained on and replaced vq.pt)."""
+    import train_gpt
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    with pytest.raises(SystemExit, match="--tokens-only"):
+        train_gpt.main(["--out", str(out), "--tokenizer", "vq", "--max-steps", "1"])
+    before = (out / "vq.pt").read_bytes()
+    train_vq.main(["--out", str(out), "--tokens-only", "--device", "cpu"])
+    assert (out / "vq.pt").read_bytes() == before
+    for split in ("train", "val"):
+        assert torch.equal(torch.load(out / f"vq_tokens_{split}.pt", weights_only=True)["tokens"],
+                           torch.load(os.path.join(decoder_out, f"vq_tokens_{split}.pt"), weights_only=True)["tokens"])
+
+
+def test_a_moved_out_folder_and_a_moved_pretrained_vq(decoder_out, tmp_path):
+    """decoder.pt records a pretrained VQ's place as given and relative to out/: a moved out/ (with the VQ inside)
+    still renders, and the same sample folder resumes after the move; a VQ moved elsewhere is named in one line
+    with --vq as the way out; --vq naming another VQ is refused, naming that file."""
+    import shutil
+    import sample
+    import train_gpt
+    from test_vqgan import write_checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    ckpt, _ = write_checkpoint(out, "mage", lambda sd: {"state_dict": sd})  # the pretrained VQ inside out/
+    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4"]
+    train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--max-steps", "1", "--n-layer", "1", *common])
+    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32"])
+    args = ["--class", "0", "--num-samples", "2", "--batch-size", "1", "--precision", "fp32"]
+    sample.main(["--out", str(out), *args])
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    os.remove(moved / "samples" / "parts" / "00000001.pt")  # as if the last batch had not finished
+    tokens, _ = sample.main(["--out", str(moved), *args])  # the recorded VQ is gone; the one inside moved/ is used
+    assert tokens.shape == (2, 16)
+    shutil.move(str(moved / "mage.ckpt"), str(tmp_path / "mage.ckpt"))
+    with pytest.raises(SystemExit, match="which is not there: give its new place with --vq"):
+        sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s2")])
+    sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s3"), "--vq", str(tmp_path / "mage.ckpt")])
+    with pytest.raises(SystemExit, match=r"other\.ckpt were made from different VQs"):
+        other, _ = write_checkpoint(tmp_path, "llamagen", lambda sd: {"model": sd})
+        os.rename(other, tmp_path / "other.ckpt")
+        sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s4"), "--vq", str(tmp_path / "other.ckpt")])

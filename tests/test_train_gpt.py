@@ -34,7 +34,7 @@ def test_causality(norm):
 def test_hidden_states_and_shapes():
     model = tiny_gpt().eval()
     logits, hidden = model(torch.randint(32, (3, 15)), torch.tensor([0, 1, 3]), return_hidden=True)  # 3 = null class
-    assert logits.shape == (3, 16, 32) and len(hidden) == 2 and hidden[0].shape == (3, 16, 32)
+    assert logits.shape == (3, 16, 32) and len(hidden) == 3 and hidden[0].shape == (3, 16, 32)  # embedding + 2 blocks
     assert model(torch.randint(32, (3, 4)), None).shape == (3, 5, 32)  # shorter prefixes work (sampling)
 
 
@@ -204,3 +204,12 @@ def test_views_are_drawn_by_the_step():
     seen = torch.cat([(pick_views(tokens, rows, s, 0)[:, 0] // 3) % 4 for s in range(20)])
     assert set(seen.tolist()) == {0, 1, 2, 3} and set(v.tolist()) <= {0, 1, 2, 3}
     assert torch.equal(pick_views(tokens[:, 0], rows, 7, 0), tokens[:, 0])
+
+
+def test_compiled_model_gives_the_eager_logits():
+    """--compile: torch.compile of a tiny GPT (here on the CPU; on by default on GPUs) computes what the eager model
+    computes, within float tolerance."""
+    model = tiny_gpt().eval()
+    x, y = torch.randint(32, (2, 15)), torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x, y), model(x, y), rtol=1e-4, atol=1e-4)
