@@ -124,12 +124,13 @@ def load_model(path, model_class, hint, device):
     """(frozen model, checkpoint dict) from a checkpoint of any stage; hint says how to make it.
     A malformed checkpoint (keys, settings or shapes that do not fit the model) is one line."""
     ck = load_artifact(path, hint, mmap=True)  # mmap: the optimizer state (2x the weights) is never read
-    expect(isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("model_args"), dict),
-           path, "no 'model' state dict and 'model_args'")
+    ok = isinstance(ck, dict) and isinstance(ck.get("model"), dict)
+    expect(ok and isinstance(ck.get("model_args"), dict), path, "no 'model' state dict and 'model_args'")
     try:
         model = model_class(**ck["model_args"])
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        fail(f"{path} is malformed: model_args {ck['model_args']} do not build a {model_class.__name__} ({e})")
+        fail(f"{path} is malformed: model_args {ck['model_args']} do not build a "
+             f"{model_class.__name__} ({e})")
     try:
         model.load_state_dict(ck["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -141,7 +142,7 @@ def load_model(path, model_class, hint, device):
 
 
 def new_fingerprint():
-    """An id written into a checkpoint at every save: later stages record the ids of what they were made from."""
+    """An id written into a checkpoint at every save: later stages record the ids of their inputs."""
     return uuid.uuid4().hex[:12]
 
 
@@ -154,7 +155,8 @@ def tensor_fingerprint(t):
 
 # What an artifact was made from: the DiGIT tokenizer (encoder, block, image size, grid, K, codebook id),
 # the pixel VQ (its id and code count) and which of the two token kinds a model reads (tokenizer).
-LINEAGE = {"tokenizer": "token kinds", "encoder": "encoders", "layer": "encoder blocks", "image_size": "image sizes",
+LINEAGE = {"tokenizer": "token kinds", "encoder": "encoders", "layer": "encoder blocks",
+           "image_size": "image sizes",
            "grid": "token grids", "digit_vocab": "codebook sizes", "codebook": "codebooks", "vq": "VQs",
            "vq_codes": "VQ code counts"}
 
@@ -196,8 +198,8 @@ def check_lineage(a_name, a, b_name, b, keys=None):
     for key in keys or LINEAGE:
         va, vb = la.get(key), lb.get(key)
         if va is not None and vb is not None and _plain(va) != _plain(vb):
-            fail(f"{a_name} and {b_name} were made from different {LINEAGE[key]} ({key} {_plain(va)} vs {_plain(vb)}): "
-                 f"make them again from the same one")
+            fail(f"{a_name} and {b_name} were made from different {LINEAGE[key]} ({key} {_plain(va)} vs "
+                 f"{_plain(vb)}): make them again from the same one")
 
 
 def _plain(v):
@@ -205,11 +207,14 @@ def _plain(v):
 
 
 def check_precision(files):
-    """files: {name: artifact}. The ablation's models must run in one precision (issue: fp32 vs bf16 by chance)."""
-    seen = {name: d.get("precision") for name, d in files.items() if isinstance(d, dict) and d.get("precision")}
+    """files: {name: artifact}. The models of one comparison must run in one precision (an fp32 model
+    beside a bf16 one would make the table measure the precision too)."""
+    seen = {name: d.get("precision") for name, d in files.items()
+            if isinstance(d, dict) and d.get("precision")}
     if len(set(seen.values())) > 1:
         fail("these were made in different precisions, so their comparison is not fair: "
-             + ", ".join(f"{n} {p}" for n, p in seen.items()) + "; train them again with the same --precision")
+             + ", ".join(f"{n} {p}" for n,
+                         p in seen.items()) + "; train them again with the same --precision")
 
 
 # ----------------------------------------------------------------------------- training checkpoints
@@ -229,18 +234,20 @@ class Checkpoint:
         if os.path.exists(path) and not args.resume and not args.force:
             fail(f"{path} exists: --resume to continue it, --force to train afresh and overwrite it")
         self.path, self.args, self.model_args = path, args, model_args
-        self.lineage, self.precision, self.identity, self.extra = dict(lineage_record), precision, identity, extra
+        self.lineage, self.precision = dict(lineage_record), precision
+        self.identity, self.extra = identity, extra
         self.parts, self.device = {}, None
 
     def start(self, device, **parts):
-        """Remember the parts to save (modules and optimizers, by the key they are saved under); with --resume,
-        load them and the random state, after checking the file fits this run. Returns the checkpoint dict
-        ({} for a fresh start)."""
+        """Remember the parts to save (modules and optimizers, by the key they are saved under); with
+        --resume, load them and the random state, after checking the file fits this run. Returns the
+        checkpoint dict ({} for a fresh start)."""
         self.parts, self.device = parts, device
         if not self.args.resume:
             return {}
         ck = load_artifact(self.path, "--resume needs the checkpoint of an earlier run")
-        expect(isinstance(ck, dict) and "model_args" in ck and "step" in ck, self.path, "not a training checkpoint")
+        expect(isinstance(ck, dict) and "model_args" in ck and "step" in ck, self.path,
+               "not a training checkpoint")
         # a setting an older checkpoint lacks was off then (False, 0, None)
         diff = {k: (ck["model_args"].get(k), v) for k, v in self.model_args.items()
                 if ck["model_args"].get(k) != v and (k in ck["model_args"] or v)}
@@ -250,13 +257,15 @@ class Checkpoint:
                       keys=[k for k in LINEAGE if k != self.identity])
         if ck.get("precision") not in (None, self.precision):
             fail(f"--resume: {self.path} was trained in {ck['precision']}: add --precision {ck['precision']} "
-                 f"(one precision per run)")
+                 "(one precision per run)")
         for name, part in parts.items():
             if part is not None:
                 if name not in ck:
-                    fail(f"--resume: {self.path} has no {name} (it was trained with other settings): give the same ones")
+                    fail(f"--resume: {self.path} has no {name} (it was trained with other settings): give "
+                         "the same ones")
                 part.load_state_dict(ck[name])
-        rng = ck["rng"] if isinstance(ck["rng"], dict) else dict(cpu=ck["rng"])  # older files: the CPU state alone
+        # older files: the CPU state alone
+        rng = ck["rng"] if isinstance(ck["rng"], dict) else dict(cpu=ck["rng"])
         torch.set_rng_state(rng["cpu"].cpu())
         if device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
@@ -269,14 +278,15 @@ class Checkpoint:
             if isinstance(part, torch.nn.Module):
                 bad = [n for n, p in part.named_parameters() if not torch.isfinite(p).all()]
                 if bad:
-                    fail(f"{len(bad)} weight tensor(s) of {name} hold NaN/inf (e.g. {bad[0]}); not saving them: "
-                         f"{self.path} stays the last good checkpoint")
+                    fail(f"{len(bad)} weight tensor(s) of {name} hold NaN/inf (e.g. {bad[0]}); not saving "
+                         f"them: {self.path} stays the last good checkpoint")
         d = self.device
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(d) if d.type == "cuda" else None)
         parts = {name: part.state_dict() for name, part in self.parts.items() if part is not None}
         fingerprint = new_fingerprint()
         own = {self.identity: fingerprint} if self.identity else {}
-        save_atomic(dict(model_args=self.model_args, lineage=dict(self.lineage, **own), precision=self.precision,
+        save_atomic(dict(model_args=self.model_args, lineage=dict(self.lineage, **own),
+                         precision=self.precision,
                          config=vars(self.args), rng=rng, fingerprint=fingerprint, **self.extra, **parts,
                          **state), self.path)
 
@@ -314,15 +324,15 @@ class SampleFolder:
                     pid = int(f.read().strip() or 0)
                 if pid_alive(pid):
                     fail(f"{self.folder} is being written by another sample.py (process {pid}): wait for it, "
-                         f"or use another --samples-dir")
+                         "or use another --samples-dir")
                 os.remove(lock)  # left by a run that was killed
         old = read_manifest(self.folder)
         if old is not None and old.get("settings") != self.settings:
-            fail(f"{self.folder} holds samples made with other settings or other checkpoints: delete it or choose "
-                 f"another --samples-dir")
+            fail(f"{self.folder} holds samples made with other settings or other checkpoints: delete it or "
+                 "choose another --samples-dir")
         if old is None and any(f.endswith(".png") for f in os.listdir(self.folder)):
             fail(f"{self.folder} already holds images that are not from this sample.py run: choose another "
-                 f"--samples-dir")
+                 "--samples-dir")
         write_json(dict(settings=self.settings, n=self.n, complete=False), self.manifest_path)
 
     def part(self, start):

@@ -87,7 +87,8 @@ def add_system_args(p, out_help, precision=True):
     read from the CPU's flags, so every process of a machine decides the same); fp32 elsewhere."""
     g = p.add_argument_group("system")
     g.add_argument("--out", default="out", help=f"{out_help} (default: %(default)s)")
-    g.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--device", default="auto", type=device_name,
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--dist-timeout", type=positive_float, default=600,
                    help="torchrun: seconds a collective waits (default: %(default)s)")
@@ -115,8 +116,8 @@ def stop_if_not_finite(step, ckpt_path, **values):
     carry it into the weights (and so into the next checkpoint)."""
     bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad:
-        fail(f"{', '.join(bad)} at step {step}; stopped before updating the weights. The last good checkpoint "
-             f"{ckpt_path} is untouched (try a lower --lr)")
+        fail(f"{', '.join(bad)} at step {step}; stopped before updating the weights. The last good "
+             f"checkpoint {ckpt_path} is untouched (try a lower --lr)")
 
 
 # ----------------------------------------------------------------------------- processes (torchrun)
@@ -135,10 +136,12 @@ def init_distributed(device_arg="auto", timeout=600.0):
         start_heartbeat(timeout)
     rank, world = rank_world()
     if cuda:
-        index = int(os.environ.get("LOCAL_RANK", 0)) if torchrun or ":" not in device_arg else int(device_arg[5:])
+        index = int(os.environ.get("LOCAL_RANK",
+                                   0)) if torchrun or ":" not in device_arg else int(device_arg[5:])
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves (A100 and newer)
+        # TF32 for the fp32 matmuls autocast leaves (A100 and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
@@ -150,7 +153,8 @@ def start_heartbeat(timeout):
     turns a collective's timeout into one line naming the ranks whose heartbeat went quiet."""
     rank, world = dist.get_rank(), dist.get_world_size()
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=30))  # a second client of the rendezvous store torchrun runs
+                          # a second client of the rendezvous store torchrun runs
+                          timeout=timedelta(seconds=30))
     every = max(0.5, min(5.0, timeout / 4))
 
     def beat():
@@ -192,10 +196,11 @@ def all_reduce(t, op=None):
     return t
 
 
-def gather_rows(x, keys, dst=None, chunk=1 << 16):
+def gather_rows(x, keys, dst=None, chunk=1 << 16, host_dtype=None):
     """Every rank's rows of x, sorted by their integer keys (e.g. dataset index): on every rank, or with
     dst=0 on rank 0 only, on its CPU (the others get (None, None)), so no other rank, and no GPU, ever
-    holds all N rows: they travel `chunk` rows per rank at a time.
+    holds all N rows: they travel `chunk` rows per rank at a time, and with host_dtype arrive in it (int32 ids
+    on the wire, int16 on rank 0: NCCL has no int16).
 
     Rank r encodes images r, r+W, r+2W, ...; sorting by image index restores the order one process
     would have produced, so the result does not depend on the number of ranks."""
@@ -218,12 +223,14 @@ def gather_rows(x, keys, dst=None, chunk=1 << 16):
                 else:
                     dist.gather(t, got, dst=dst)
                 for r in range(world if here else 0):
-                    out[r].append(got[r] if dst is None else got[r].cpu())
+                    piece = got[r] if dst is None else got[r].cpu()
+                    out[r].append(piece.to(host_dtype) if host_dtype is not None and out is xs else piece)
         if not here:
             return None, None
         x = torch.cat([torch.cat(p)[:n] for p, n in zip(xs, sizes)])
         keys = torch.cat([torch.cat(p)[:n] for p, n in zip(ks, sizes)])
     order = torch.argsort(keys.to(x.device), stable=True)
+    x = x.to(host_dtype) if host_dtype is not None else x
     return x[order], keys.to(x.device)[order]
 
 
@@ -243,8 +250,8 @@ def finish_distributed():
 # ----------------------------------------------------------------------------- precision
 
 def matmul_flops(device, dtype, n=2048, reps=5):
-    """Measured matmul throughput (FLOP/s) of an n x n product on this device: the machine's practical peak
-    (for MFU and the benchmarks; never for choosing the precision: timings vary from one process to the next)."""
+    """Measured matmul throughput (FLOP/s) of an n x n product on this device: the machine's practical
+    peak (for MFU and the benchmarks; never for choosing the precision: timings vary between processes)."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # not the global RNG
     a @ a  # warm-up (thread pools, oneDNN's JIT of this shape)
     if device.type == "cuda":
@@ -272,7 +279,8 @@ def cpu_has_bf16():
     except OSError:  # not Linux
         return False
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in BF16_ISAS
-    return platform.machine() in ("x86_64", "AMD64") and bool({"amx_bf16", "avx512_bf16"} & set(flags)) and not capped
+    has_bf16 = bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    return platform.machine() in ("x86_64", "AMD64") and has_bf16 and not capped
 
 
 def autocast_dtype(precision, device):
@@ -337,7 +345,7 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=seeded(seed, epoch))
 
 
-# ----------------------------------------------------------------------------- step-indexed loading, linear classifiers
+# ------------------------------------------------------------------ step-indexed loading, linear classifiers
 
 class StepSampler(torch.utils.data.Sampler):
     """This rank's share of the global batch of every step from `start` on (see batch_indices):
@@ -354,7 +362,8 @@ class StepSampler(torch.utils.data.Sampler):
         while True:
             rows = batch_indices(step, self.batch_size, self.n, self.seed)
             if self.views > 1:
-                rows = rows * self.views + torch.randint(self.views, (len(rows),), generator=seeded(self.seed, step, 2))
+                view = torch.randint(self.views, (len(rows),), generator=seeded(self.seed, step, 2))
+                rows = rows * self.views + view
             yield from rows[self.rank * share: (self.rank + 1) * share].tolist()
             step += 1
 
@@ -423,7 +432,7 @@ def fit_linear(features, n_total, labels, n_classes, epochs, lr=0.1, batch_size=
 
 
 def sharded_accuracy(classify, features, labels, n_sets, device):
-    """Top-1 accuracy [G] of classify over every rank's rows (features, labels: this rank's, as fit_linear)."""
+    """Top-1 accuracy [G] of classify over every rank's rows (features, labels: this rank's)."""
     counts = torch.zeros(n_sets + 1, dtype=torch.float64, device=device)  # rows, then correct per set
     counts[0] = len(labels)
     for chunk in torch.arange(len(labels)).split(4096):

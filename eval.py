@@ -40,8 +40,8 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from artifacts import check_precision, load_artifact, prepare_out, read_manifest, write_json
-from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, gather_rows,
-                    init_distributed, owned, parser, positive_int, rank_world)
+from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear,
+                    gather_rows, init_distributed, owned, parser, positive_int, rank_world)
 from data import IMAGENET_MEAN, IMAGENET_STD, dataset_for_tokens, load_token_files, pixel_transform
 from dinov2 import ENCODERS, dinov2_features, load_encoder
 
@@ -57,19 +57,24 @@ def get_args(argv=None):
     a("--rendered", default=None, help="val images rendered from their real DiGIT tokens")
     a("--vq-rendered", default=None, help="val images rendered from their real VQ tokens")
     a("--allow-incomplete", action="store_true", help="score a sample folder a killed run left unfinished")
-    a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS), help="(default: %(default)s)")
-    a("--fd-size", type=positive_int, default=224, help="its input side, a multiple of 14 (default: %(default)s)")
+    a("--fd-encoder", default="dinov2_vits14_offline", choices=sorted(ENCODERS),
+      help="(default: %(default)s)")
+    a("--fd-size", type=positive_int, default=224,
+      help="its input side, a multiple of 14 (default: %(default)s)")
     a("--nearest-k", type=positive_int, default=3, help="k of precision/recall (default: %(default)s)")
-    a("--inception", default="auto", choices=["auto", "on", "off"], help="FID/IS with torch-fidelity (default: auto)")
+    a("--inception", default="auto", choices=["auto", "on", "off"],
+      help="FID/IS with torch-fidelity (default: auto)")
     a("--inception-weights", default=None, help="a local weights-inception-2015-12-05-6726825d.pth")
     a = p.add_argument_group("sampling sweep").add_argument
     a("--sweep", choices=["top-k", "top-p", "cfg"], default=None, help="sample over --values and score each")
-    a("--values", default=None, help="comma-separated values for --sweep (default: a range per setting)")
-    a("--sweep-samples", type=positive_int, default=10, help="samples per class and value (default: %(default)s)")
+    a("--values", default=None, help="values for --sweep, comma-separated (default: per setting)")
+    a("--sweep-samples", type=positive_int, default=10,
+      help="samples per class and value (default: %(default)s)")
     a = p.add_argument_group("report").add_argument
     a("--report", action="store_true", help="also gather every stage's results into OUT/report.md")
     system = add_system_args(p, "where tokens/checkpoints are and results go")
-    system.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: %(default)s)")
+    system.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images per batch (default: %(default)s)")
     args = p.parse_args(argv)
     if args.fd_size % 14:
         fail(f"--fd-size {args.fd_size} is not a multiple of 14")
@@ -116,7 +121,8 @@ class Featurizer:
 
     @torch.no_grad()
     def __call__(self, x):
-        x = F.interpolate(x.to(self.device).float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = F.interpolate(x.to(self.device).float(), size=(self.size, self.size), mode="bicubic",
+                          align_corners=False)
         with autocast(self.device, self.dtype):
             return self.model(self.norm(x.clamp(0, 1)))[:, 0].float().cpu()
 
@@ -127,7 +133,8 @@ def list_samples(folder, allow_incomplete=False):
     many of the samples sample.py meant to write are there. A folder sample.py left incomplete is refused."""
     if not os.path.isdir(folder):
         fail(f"{folder} is not a folder")
-    files = sorted(f for ext in ("png", "jpg", "jpeg") for f in glob.glob(os.path.join(glob.escape(folder), f"*.{ext}")))
+    pattern = os.path.join(glob.escape(folder), "*.{}")
+    files = sorted(f for ext in ("png", "jpg", "jpeg") for f in glob.glob(pattern.format(ext)))
     files = [f for f in files if not os.path.basename(f).startswith(("grid", "tokens"))]
     manifest = read_manifest(folder)
     note = f"{len(files)} images (no manifest: not written by sample.py)"
@@ -135,16 +142,18 @@ def list_samples(folder, allow_incomplete=False):
         note = f"{len(files)} of the {manifest['n']} samples sample.py planned"
         if not manifest["complete"] or len(files) != manifest["n"]:
             if not allow_incomplete:
-                fail(f"{folder} is incomplete ({note}; its sample.py run did not finish): run that sample.py again "
-                     f"to finish it, or pass --allow-incomplete")
+                fail(f"{folder} is incomplete ({note}; its sample.py run did not finish): run that sample.py "
+                     "again to finish it, or pass --allow-incomplete")
             print(f"warning: {folder} is incomplete: scoring {note}", file=sys.stderr)
     if len(files) < 2:
         fail(f"{folder} holds {len(files)} sample image(s); at least 2 are needed")
     sizes = [image_size(f) for f in files]  # reads the header only
     common = max(set(sizes), key=sizes.count)
     if len(set(sizes)) > 1:
-        print(f"warning: samples have {len(set(sizes))} different sizes; resizing all to {common}", file=sys.stderr)
-    labels = [int(m.group(1)) if (m := re.search(r"_class(\d+)\.", os.path.basename(f))) else -1 for f in files]
+        print(f"warning: samples have {len(set(sizes))} different sizes; resizing all to {common}",
+              file=sys.stderr)
+    found = [re.search(r"_class(\d+)\.", os.path.basename(f)) for f in files]
+    labels = [int(m.group(1)) if m else -1 for m in found]
     return files, torch.tensor(labels), common, note
 
 
@@ -161,7 +170,8 @@ def load_images(files, size):
     """[N, 3, H, W] in [0, 1], each resized to size (h, w) if it differs."""
     imgs = [transforms.functional.to_tensor(Image.open(f).convert("RGB")) for f in files]
     return torch.stack([i if tuple(i.shape[1:]) == size else
-                        F.interpolate(i[None], size=size, mode="bilinear", align_corners=False)[0] for i in imgs])
+                        F.interpolate(i[None], size=size, mode="bilinear",
+                                      align_corners=False)[0] for i in imgs])
 
 
 def sample_features(extract, files, size, batch_size, device):
@@ -170,7 +180,8 @@ def sample_features(extract, files, size, batch_size, device):
     rank, world = rank_world()
     mine = owned(len(files), rank, world)
     out = [extract(load_images([files[i] for i in chunk], size).to(device))
-           for chunk in tqdm(mine.split(batch_size), desc="features of samples", leave=False, disable=rank != 0)]
+           for chunk in tqdm(mine.split(batch_size), desc="features of samples", leave=False,
+                             disable=rank != 0)]
     dim = out[0].shape[1] if out else 0
     wire = device if device.type == "cuda" else torch.device("cpu")  # NCCL gathers GPU tensors
     x = torch.cat(out).to(wire) if out else torch.zeros(0, dim, device=wire)
@@ -182,7 +193,8 @@ def reference(args, train_tok, val_tok, device):
     extractor is the tokenizer's encoder at its image size, as in the demo)."""
     same = args.fd_encoder == train_tok["encoder"]
     layer = train_tok["layer"] if same else ENCODERS[args.fd_encoder]["depth"] - 1
-    return [dinov2_features(tok, args.fd_encoder, args.fd_size, layer, batch_size=args.batch_size, device=device,
+    return [dinov2_features(tok, args.fd_encoder, args.fd_size, layer, batch_size=args.batch_size,
+                            device=device,
                             out=args.out, dtype=args.dtype)["cls"] for tok in (train_tok, val_tok)]
 
 
@@ -190,8 +202,8 @@ def train_classifier(train_feats, labels, n_classes, device):
     """A linear classifier on DINOv2 CLS features of the real train images (probe.py's recipe), trained once
     per run with the train rows sharded over the ranks."""
     mine = owned(len(labels))
-    classify = fit_linear(lambda i: train_feats[mine[i]].to(device)[None], len(labels), labels[mine], n_classes,
-                          epochs=50, seed=0, device=device)
+    classify = fit_linear(lambda i: train_feats[mine[i]].to(device)[None], len(labels), labels[mine],
+                          n_classes, epochs=50, seed=0, device=device)
     return lambda x: classify(x[None].to(device))[0].cpu()
 
 
@@ -199,8 +211,8 @@ def generative_scores(args, feats, real, classify, val_labels):
     """FD_DINOv2, the classifier's score and class agreement, precision/recall of one folder's features."""
     fake, wanted = feats["fake"], feats["wanted"]
     if len(fake) < fake.shape[1]:
-        print(f"warning: {len(fake)} samples for {fake.shape[1]}-dim features: the covariance is singular and FD is "
-              f"biased upwards; compare FDs only at equal sample counts", file=sys.stderr)
+        print(f"warning: {len(fake)} samples for {fake.shape[1]}-dim features: the covariance is singular "
+              "and FD is biased upwards; compare FDs only at equal sample counts", file=sys.stderr)
     fd = frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
     with torch.no_grad():
         real_acc = float((classify(real).argmax(1) == val_labels).float().mean())
@@ -209,12 +221,13 @@ def generative_scores(args, feats, real, classify, val_labels):
     agree = float((p.argmax(1)[known] == wanted[known]).float().mean()) if known.any() else float("nan")
     prec, rec = precision_recall(real, fake, args.nearest_k)
     return dict(n_samples=len(fake), n_real=len(real), fd_dinov2=fd, classifier_score=inception_score(p),
-                classifier_val_acc=real_acc, class_agreement=agree, precision=prec, recall=rec, scored=feats["note"],
-                feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
+                classifier_val_acc=real_acc, class_agreement=agree, precision=prec, recall=rec,
+                scored=feats["note"], feature=f"{args.fd_encoder} CLS at {args.fd_size}px")
 
 
 def inception_score(p, splits=1):
-    """exp(E_x KL(p(y|x) || p(y))) of class probabilities p [N, C], mean over `splits` equal parts (IS uses 10)."""
+    """exp(E_x KL(p(y|x) || p(y))) of class probabilities p [N, C], mean over `splits` equal parts (IS uses
+    10)."""
     scores = []
     for q in p.double().chunk(splits):
         kl = (q * (q.clamp_min(1e-12).log() - q.mean(0, keepdim=True).clamp_min(1e-12).log())).sum(1)
@@ -222,7 +235,7 @@ def inception_score(p, splits=1):
     return sum(scores) / len(scores)
 
 
-# ----------------------------------------------------------------------------- FID / IS through torch-fidelity
+# ------------------------------------------------------------------------ FID / IS through torch-fidelity
 
 class SampleImages(Dataset):
     """uint8 [3, H, W] of sample files, each resized to `size` if it differs (what torch-fidelity reads)."""
@@ -238,8 +251,9 @@ class SampleImages(Dataset):
 
 
 class RealImages(Dataset):
-    """uint8 [3, S, S] of the real images behind a token file: the shorter side resized to S with torchvision's
-    default (bilinear, as the official prepare_imgnet_val.py: Resize(256) + CenterCrop(256)), centre crop."""
+    """uint8 [3, S, S] of the real images behind a token file: the shorter side resized to S with
+    torchvision's default (bilinear, as the official prepare_imgnet_val.py: Resize(256) + CenterCrop(256)),
+    centre crop."""
 
     def __init__(self, tok, size):
         self.images = dataset_for_tokens(tok, transform=pixel_transform(size, resample="bilinear"))
@@ -256,8 +270,10 @@ def inception_metrics(args, files, size, val_tok, device):
     {} with a one-line note when the Inception weights cannot be had (--inception auto, e.g. offline)."""
     import torch_fidelity
     weights = args.inception_weights
-    if weights is not None:  # torch-fidelity unpickles the file freely; accept it only if it loads as plain tensors
-        load_artifact(weights, "--inception-weights takes torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    # torch-fidelity unpickles the file freely; accept it only if it loads as plain tensors
+    if weights is not None:
+        load_artifact(weights,
+                      "--inception-weights takes torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     spec = "_".join([val_tok["data"]["name"], val_tok["data"]["split"], str(len(val_tok["tokens"])),
                      f"{size[0]}x{size[1]}", "bilinear"])
     try:
@@ -270,8 +286,8 @@ def inception_metrics(args, files, size, val_tok, device):
     except (OSError, RuntimeError) as e:  # no internet (URLError is an OSError) / weights of another network
         if args.inception == "on" or weights is not None:
             fail(f"FID/IS: the Inception weights did not load ({str(e)[:120]})")
-        print(f"note: FID/IS skipped: torch-fidelity could not download its Inception weights ({str(e)[:80]}); "
-              f"give --inception-weights FILE", file=sys.stderr)
+        print("note: FID/IS skipped: torch-fidelity could not download its Inception weights "
+              f"({str(e)[:80]}); give --inception-weights FILE", file=sys.stderr)
         args.inception = "off"  # once is enough: the other sample folders of this run would fail the same way
         return {}
     return dict(fid=m["frechet_inception_distance"], inception_score=m["inception_score_mean"])
@@ -295,7 +311,8 @@ def sweep_folders(args, train_tok):
         if rank_world()[0] == 0:
             shutil.rmtree(folder, ignore_errors=True)  # only this value's images may be scored
         sample.main(["--out", args.out, "--samples-dir", folder, "--class", classes, "--num-samples",
-                     str(args.sweep_samples), flag, value, "--seed", str(args.seed), "--precision", args.precision])
+                     str(args.sweep_samples), flag, value, "--seed", str(args.seed), "--precision",
+                     args.precision])
         folders[float(value)] = folder
     return folders
 
@@ -306,8 +323,8 @@ def encode_folders(args, folders, device):
     feats = {}
     for key, folder in folders.items():
         files, wanted, size, note = list_samples(folder, args.allow_incomplete)
-        feats[key] = dict(fake=sample_features(featurizer, files, size, args.batch_size, device), wanted=wanted,
-                          files=files, size=size, note=note)
+        feats[key] = dict(fake=sample_features(featurizer, files, size, args.batch_size, device),
+                          wanted=wanted, files=files, size=size, note=note)
     return feats
 
 
@@ -328,12 +345,13 @@ def score_folders(args, folders, sweep, train_tok, val_tok, device):
         if args.inception != "off":  # the standard metrics, comparable with published ones at 50k samples
             g.update(inception_metrics(args, f["files"], f["size"], val_tok, device))
         name = f"{key[0]} {key[1]:g}" if isinstance(key, tuple) else folders[key]
-        print(f"{name}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 linear "
-              f"classifier, not IS), class agreement {100 * g['class_agreement']:.1f}%, precision "
+        print(f"{name}: FD_DINOv2 {g['fd_dinov2']:.2f}, classifier score {g['classifier_score']:.2f} (DINOv2 "
+              f"linear classifier, not IS), class agreement {100 * g['class_agreement']:.1f}%, precision "
               f"{g['precision']:.3f}, recall {g['recall']:.3f} ({g['scored']}, {g['n_real']} real)"
               + (f"; FID {g['fid']:.2f}, IS {g['inception_score']:.2f}" if "fid" in g else ""))
         if isinstance(key, tuple):
-            results.setdefault("sweep", dict(setting=args.sweep, rows=[]))["rows"].append(dict(value=key[1], **g))
+            sweep_rows = results.setdefault("sweep", dict(setting=args.sweep, rows=[]))["rows"]
+            sweep_rows.append(dict(value=key[1], **g))
         else:
             results[key] = g
     return results
@@ -348,7 +366,8 @@ def main(argv=None):
     folders = {key: getattr(args, flag) for key, flag in FOLDERS if getattr(args, flag)}
     sweep = sweep_folders(args, train_tok) if args.sweep else {}
     if not folders and not sweep and not args.report:
-        fail("nothing to do: give --samples, --vq-samples, --rendered, --vq-rendered and/or --sweep (see --help)")
+        fail("nothing to do: give --samples, --vq-samples, --rendered, --vq-rendered and/or --sweep (see "
+             "--help)")
     results = score_folders(args, folders, sweep, train_tok, val_tok, device) if folders or sweep else {}
     finish_distributed()
     if rank != 0:
@@ -356,7 +375,8 @@ def main(argv=None):
     path = os.path.join(args.out, "eval.json")
     earlier = json.load(open(path)) if os.path.exists(path) else {}
     if results:  # merged: a run that scores only the samples keeps the rendered results of earlier runs
-        results = {k: v for k, v in {**earlier, **results}.items() if k != "stability"}  # stability.json has it
+        # stability.json has it
+        results = {k: v for k, v in {**earlier, **results}.items() if k != "stability"}
         write_json(results, path)
         print(f"-> {path} ({', '.join(results)})")
     if args.report:
@@ -377,7 +397,8 @@ def side_by_side(out, results, load):
         p = json.load(open(os.path.join(out, probe))) if os.path.exists(os.path.join(out, probe)) else None
         cols.append(dict(
             tokens=f"{tok}, {c['vocab_size']} ids" if c else "-",
-            gpt=f"{c['model_args']['n_layer']} x {c['model_args']['n_embd']}, {c['step']} steps" if c else "-",
+            gpt=f"{c['model_args']['n_layer']} x {c['model_args']['n_embd']}, {c['step']} steps"
+            if c else "-",
             precision=(c or {}).get("precision", "-"), val=f"{c['best_val']:.3f}" if c else "-",
             probe=f"{100 * p['best_top1']:.1f}% (layer {p['best_layer']})" if p and "best_top1" in p else "-",
             fd=f"{g['fd_dinov2']:.1f}" if g else "-", score=f"{g['classifier_score']:.2f}" if g else "-",
@@ -390,15 +411,17 @@ def side_by_side(out, results, load):
     check_precision({f"{out}/{k}": v for k, v in files.items()})  # a fair ablation: one precision throughout
     rows = [("tokens", "tokens"), ("GPT", "gpt"), ("precision", "precision"),
             ("val loss, nats/token (NOT comparable: different vocabularies)", "val"),
-            ("linear probe, best GPT layer, val top-1", "probe"), ("FD_DINOv2 of the samples (lower is better)", "fd"),
+            ("linear probe, best GPT layer, val top-1", "probe"),
+            ("FD_DINOv2 of the samples (lower is better)", "fd"),
             ("classifier score (not IS)", "score"), ("class agreement of the samples", "agree"),
             ("precision / recall", "pr"), ("pixels come from", "path"),
-            ("the renderer's floor: val images rendered from their REAL tokens, FD_DINOv2 / recognised", "floor")]
+            ("the renderer's floor: val images rendered from their REAL tokens, FD_DINOv2 / recognised",
+             "floor")]
     n = results["generative_vq"]["n_samples"]
     return (["## Same GPT, two tokenizers (the paper's VQ-vs-DiGIT ablation)",
-             f"The same GPT preset, steps, batch and seed, trained on DiGIT's tokens and on the pixel VQ's tokens of "
-             f"the same images; {n} class-conditional samples each, same sampling settings, scored with the same "
-             f"DINOv2 features.", "", "| | DiGIT tokens | VQ tokens |", "|---|---|---|"]
+             "The same GPT preset, steps, batch and seed, trained on DiGIT's tokens and on the pixel VQ's "
+             f"tokens of the same images; {n} class-conditional samples each, same sampling settings, scored "
+             "with the same DINOv2 features.", "", "| | DiGIT tokens | VQ tokens |", "|---|---|---|"]
             + [f"| {name} | {cols[0][k]} | {cols[1][k]} |" for name, k in rows]
             + ["", "| samples of the GPT on DiGIT tokens | samples of the GPT on VQ tokens |", "|---|---|",
                "| ![DiGIT](samples/grid.png) | ![VQ](samples_vq/grid.png) |"])
@@ -416,23 +439,27 @@ def write_report(args, results):
     if cb is not None:
         c = cb["cluster_sizes"]
         lines += ["## Tokenizer", f"{cb['encoder']} block {cb['layer']}, {cb['image_size']} px, K = "
-                  f"{len(cb['centroids'])}: K-means on {cb['n_points']:,} patches, {cb['iters']} iterations, inertia "
-                  f"{cb['inertia'] / cb['n_points']:.4g} per patch, cluster sizes {int(c.min())} / {int(c.median())} / "
-                  f"{int(c.max())} (min / median / max).", ""]
+                  f"{len(cb['centroids'])}: K-means on {cb['n_points']:,} patches, {cb['iters']} iterations, "
+                  f"inertia {cb['inertia'] / cb['n_points']:.4g} per patch, cluster sizes {int(c.min())} / "
+                  f"{int(c.median())} / {int(c.max())} (min / median / max).", ""]
     if gpt is not None:
-        lines += ["## GPT", f"{gpt['model_args']['n_layer']} x {gpt['model_args']['n_embd']}, {gpt['step']} steps, "
-                  f"{gpt.get('precision', 'fp32')}. Loss (nats/token):", "", "| step | train | val |", "|---|---|---|"]
+        lines += ["## GPT",
+                  f"{gpt['model_args']['n_layer']} x {gpt['model_args']['n_embd']}, {gpt['step']} steps, "
+                  f"{gpt.get('precision', 'fp32')}. Loss (nats/token):", "", "| step | train | val |",
+                  "|---|---|---|"]
         lines += [f"| {e['step']} | {e['train']:.4f} | {e['val']:.4f} |" for e in gpt["evals"]] + [""]
     if vq is not None:
         m = vq["metrics"]
-        lines += ["## Pixel VQ", f"{vq['pixel_size']} px, grid {tuple(vq['grid'])}, {vq['step']} steps: val PSNR "
-                  f"{m['psnr']:.2f} dB, {m['codes_used']} / {vq['model_args']['codes']} codes used, perplexity "
-                  f"{m['perplexity']:.0f}.", ""]
+        lines += ["## Pixel VQ",
+                  f"{vq['pixel_size']} px, grid {tuple(vq['grid'])}, {vq['step']} steps: val PSNR "
+                  f"{m['psnr']:.2f} dB, {m['codes_used']} / {vq['model_args']['codes']} codes used, "
+                  f"perplexity {m['perplexity']:.0f}.", ""]
     if dec is not None:
         m = dec["metrics"]
         vq_note = f" (pretrained VQ: {dec['vq_path']})" if dec.get("vq_path") else ""
-        lines += ["## Stage-2 decoder", f"{dec['step']} steps{vq_note}: val VQ-token accuracy {m['vq_token_acc']:.3f}, "
-                  f"PSNR of images rendered from the real DiGIT tokens {m['psnr']:.2f} dB.", "",
+        lines += ["## Stage-2 decoder",
+                  f"{dec['step']} steps{vq_note}: val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR of "
+                  f"images rendered from the real DiGIT tokens {m['psnr']:.2f} dB.", "",
                   "Rows: original | VQ reconstruction | rendered from DiGIT tokens:", "",
                   f"![decoder]({'decoder_val.png' if load('decoder.pt') else 'decoder_ar_val.png'})", ""]
     if os.path.exists(os.path.join(out, "samples", "grid.png")):
@@ -441,13 +468,15 @@ def write_report(args, results):
         lines += ["## Linear probe", open(os.path.join(out, "probe.md")).read(), ""]
     if "generative" in results:
         g = results["generative"]
-        lines += ["## Generative scores", f"{g['n_samples']} samples vs {g['n_real']} real val images, features: "
-                  f"{g['feature']}.", "", "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |",
+        lines += ["## Generative scores",
+                  f"{g['n_samples']} samples vs {g['n_real']} real val images, features: {g['feature']}.", "",
+                  "| FD_DINOv2 | classifier score (not IS) | class agreement | precision | recall |",
                   "|---|---|---|---|---|", f"| {g['fd_dinov2']:.2f} | {g['classifier_score']:.2f} | "
                   f"{100 * g['class_agreement']:.1f}% | {g['precision']:.3f} | {g['recall']:.3f} |", "",
-                  f"The classifier (linear, on DINOv2 features of real train images) scores "
+                  "The classifier (linear, on DINOv2 features of real train images) scores "
                   f"{100 * g['classifier_val_acc']:.1f}% on real val images.", ""]
-        lines += [f"torch-fidelity (Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.", ""] if "fid" in g \
+        lines += [f"torch-fidelity (Inception-v3): FID {g['fid']:.2f}, IS {g['inception_score']:.2f}.",
+                  ""] if "fid" in g \
             else ["FID/IS: not computed (torch-fidelity's Inception weights were not available).", ""]
     if "generative_vq" in results:
         lines += side_by_side(out, results, load) + [""]
@@ -455,20 +484,25 @@ def write_report(args, results):
         r = results["rendered"]
         lines += ["## Decoder check: val images rendered from their real DiGIT tokens",
                   f"{r['n_samples']} images: the DINOv2 linear classifier gives the true label for "
-                  f"{100 * r['class_agreement']:.1f}% of them (real val images: {100 * r['classifier_val_acc']:.1f}%); "
-                  f"FD_DINOv2 to the real val set {r['fd_dinov2']:.2f}.", ""]
+                  f"{100 * r['class_agreement']:.1f}% of them (real val images: "
+                  f"{100 * r['classifier_val_acc']:.1f}%); FD_DINOv2 to the real val set "
+                  f"{r['fd_dinov2']:.2f}.", ""]
     if "sweep" in results:
         sw = results["sweep"]
         lines += [f"## Sampling sweep: {sw['setting']}", "",
                   f"| {sw['setting']} | FD_DINOv2 | classifier score | agreement | precision | recall |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['value']:g} | {r['fd_dinov2']:.2f} | {r['classifier_score']:.2f} | "
-                  f"{100 * r['class_agreement']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} |" for r in sw["rows"]]
+                  f"{100 * r['class_agreement']:.1f}% | {r['precision']:.3f} | {r['recall']:.3f} |"
+                  for r in sw["rows"]]
         lines += [""]
     if os.path.exists(os.path.join(out, "stability.md")):  # stability.py
-        lines += ["## Latent stability (paper Table 1), fair protocol", open(os.path.join(out, "stability.md")).read(),
+        with open(os.path.join(out, "stability.md")) as f:
+            stability_table = f.read()
+        lines += ["## Latent stability (paper Table 1), fair protocol", stability_table,
                   "", "![stability](stability.png)", "",
-                  "The paper's argument as a toy (PCA keeps variance, LDA keeps the classes):", "", "![toy](toy.png)", ""]
+                  "The paper's argument as a toy (PCA keeps variance, LDA keeps the classes):", "",
+                  "![toy](toy.png)", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"-> {out}/report.md")

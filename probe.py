@@ -10,9 +10,9 @@ baselines in the same table:
 Run (reads out/gpt.pt, out/tokens_{train,val}.pt; writes out/probe.md, out/probe.json):
     python probe.py
     python probe.py --no-dinov2          # skip the DINOv2 baseline
-    python probe.py --tokenizer vq       # the same GPT on the pixel VQ's tokens (gpt_vq.pt) -> probe_vq.md/json
-    torchrun --nproc_per_node 8 probe.py --out out_imagenet --protocol official   # the paper's 71.7% protocol
-    python probe.py --compare out_k/64 out_k/256 out_k/1024   # one table + plot of finished probes (k_sweep.sh)
+    python probe.py --tokenizer vq       # the GPT on the pixel VQ's tokens (gpt_vq.pt) -> probe_vq.md/json
+    torchrun --nproc_per_node 8 probe.py --out out_imagenet --protocol official   # the paper's protocol
+    python probe.py --compare out_k/64 out_k/256 out_k/1024   # finished probes in one table (runs/k_sweep.sh)
 
 Protocols (--protocol):
   demo      blocks 1..L, each LayerNormed (no affine) and averaged over the image-token positions; features
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from artifacts import check_lineage, prepare_out, write_json
-from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear, init_distributed,
-                    owned, parser, positive_float, positive_int, rank_world, sharded_accuracy)
+from common import (add_system_args, autocast, autocast_dtype, fail, finish_distributed, fit_linear,
+                    init_distributed, owned, parser, positive_float, positive_int, rank_world,
+                    sharded_accuracy)
 from data import add_tokenizer_arg, load_token_files
 from dinov2 import dinov2_features
 from train_gpt import gpt_path, load_gpt
@@ -56,7 +57,8 @@ def get_args(argv=None):
     a("--lr", type=positive_float, default=None, help="SGD learning rate (default: the protocol's)")
     a("--batch-size", type=positive_int, default=None, help="classifier batch (default: the protocol's)")
     a("--no-dinov2", action="store_true", help="skip the DINOv2 baseline")
-    a("--compare", nargs="+", metavar="DIR", default=None, help="only gather these runs' probe.json into a table")
+    a("--compare", nargs="+", metavar="DIR", default=None,
+      help="only gather these runs' probe.json into a table")
     add_tokenizer_arg(add_system_args(p, "reads gpt.pt and tokens from, writes probe.md/json to"))
     args = p.parse_args(argv)
     for key, value in PROTOCOLS[args.protocol].items():
@@ -88,20 +90,21 @@ def gpt_features(model, tokens, batch_size, device, protocol="demo", dtype=None)
 def bag_of_tokens(ids, vocab_size):
     """Normalised histogram of token ids per image [N, K], built for a batch of id rows [N, h*w]."""
     t = ids.long()
-    return torch.zeros(len(t), vocab_size, device=t.device).scatter_add_(1, t, torch.ones(t.shape, device=t.device)) / \
-        t.shape[1]
+    counts = torch.zeros(len(t), vocab_size, device=t.device)
+    return counts.scatter_add_(1, t, torch.ones(t.shape, device=t.device)) / t.shape[1]
 
 
 def probe_accuracy(train_x, train_y, val_x, val_y, n_classes, epochs, lr, batch_size, seed=0, **protocol):
-    """Val top-1 [G] of linear classifiers trained on G feature sets at once (train_x [G, N, D], one process)."""
-    classify = fit_linear(lambda i: train_x[:, i], train_x.shape[1], train_y, n_classes, epochs, lr, batch_size, seed,
-                          **protocol)
+    """Val top-1 [G] of linear classifiers trained on G feature sets at once (train_x [G, N, D], one
+    process)."""
+    classify = fit_linear(lambda i: train_x[:, i], train_x.shape[1], train_y, n_classes, epochs, lr,
+                          batch_size, seed, **protocol)
     return sharded_accuracy(classify, lambda i: val_x[:, i], val_y, len(train_x), torch.device("cpu"))
 
 
 def compare(dirs, out):
-    """The paper's probe figure from finished runs: val top-1 of every GPT layer, one row / line per run (labelled
-    by K and tokenizer). Writes OUT/probe_compare.md and OUT/probe_compare.png."""
+    """The paper's probe figure from finished runs: val top-1 of every GPT layer, one row / line per run
+    (labelled by K and tokenizer). Writes OUT/probe_compare.md and OUT/probe_compare.png."""
     runs = []
     for d in dirs:
         path = os.path.join(d, "probe.json")
@@ -112,9 +115,11 @@ def compare(dirs, out):
             fail(f"{path} was written by an older probe.py (no per-layer list): run probe.py --out {d} again")
         runs.append((f"K={r['k']} ({r.get('tokenizer', 'digit')})", r))
     depth = max(len(r["per_layer"]) for _, r in runs)
-    lines = ["| run | " + " | ".join(f"layer {i + 1}" for i in range(depth)) + " | best |", "|---" * (depth + 2) + "|"]
+    lines = ["| run | " + " | ".join(f"layer {i + 1}" for i in range(depth)) + " | best |",
+             "|---" * (depth + 2) + "|"]
     for name, r in runs:
-        cells = " | ".join(f"{100 * a:.1f}" for a in r["per_layer"]) + " |" * (depth - len(r["per_layer"]) + 1)
+        cells = " | ".join(f"{100 * a:.1f}" for a in r["per_layer"])
+        cells += " |" * (depth - len(r["per_layer"]) + 1)
         lines.append(f"| {name} | {cells} {100 * r['best_top1']:.1f} (layer {r['best_layer']}) |")
     table = "\n".join(["Linear probe, val top-1 (%) per GPT layer:", ""] + lines)
     print(table)
@@ -136,23 +141,35 @@ def compare(dirs, out):
 
 
 def feature_sets(args, model, train, val, device, dtype):
-    """(names, train features(local), val features(local), width) of every set probed: the GPT's layers, the bag
-    of tokens, and DINOv2. Each rank holds its rows only (owned); features(local) builds a batch on the device."""
+    """(names, train features(local), val features(local), width) of every set probed: the GPT's layers, the
+    bag of tokens, and DINOv2. Each rank holds its rows only (owned); features(local) builds a batch on the
+    device."""
     rank, world = rank_world()
-    mine = [owned(len(t["tokens"]), rank, world) for t in (train, val)]
-    per_split = [gpt_features(model, t["tokens"][m], 64, device, args.protocol, dtype) for t, m in zip((train, val), mine)]
-    first = "embedding" if args.protocol == "official" else "GPT layer 1"
-    names = [first] + [f"GPT layer {i}" for i in range(1 + (args.protocol != "official"), per_split[0].shape[1] + 1)]
-    sets = [(names, *[(lambda f: lambda i: f[i].to(device).float().transpose(0, 1))(f) for f in per_split])]
-    ids = [t["tokens"][m] for t, m in zip((train, val), mine)]
+    splits = (train, val)
+    mine = [owned(len(t["tokens"]), rank, world) for t in splits]
+    ids = [t["tokens"][m] for t, m in zip(splits, mine)]
+    per_split = [gpt_features(model, t, 64, device, args.protocol, dtype) for t in ids]
+    official = args.protocol == "official"
+    names = ["embedding" if official else "GPT layer 1"]
+    names += [f"GPT layer {i}" for i in range(2 - official, per_split[0].shape[1] + 1)]
     k = train["vocab_size"]
-    sets.append(([f"baseline: bag of tokens (K={k})"], *[(lambda t: lambda i: bag_of_tokens(t[i].to(device), k)[None])(t)
-                                                         for t in ids]))
+
+    def layers(f):  # f [N, G, D] float16 on the host -> a batch [G, n, D] on the device
+        return lambda i: f[i].to(device).float().transpose(0, 1)
+
+    def bag(t):
+        return lambda i: bag_of_tokens(t[i].to(device), k)[None]
+
+    sets = [(names, *map(layers, per_split)), ([f"baseline: bag of tokens (K={k})"], *map(bag, ids))]
     if not args.no_dinov2 and train.get("encoder") is not None:  # VQ token files have no encoder
         pooled = [dinov2_features(t, t["encoder"], t["image_size"], t["layer"], batch_size=64, device=device,
-                                  out=args.out, dtype=dtype)["pooled"] for t in (train, val)]
+                                  out=args.out, dtype=dtype)["pooled"] for t in splits]
+
+        def dino(f, m):  # the cache holds every row: this rank's are m
+            return lambda i: f[m[i]].to(device).float()[None]
+
         sets.append(([f"baseline: DINOv2 {train['encoder']} block {train['layer']}, mean-pooled"],
-                     *[(lambda f, m: lambda i: f[m[i]].to(device).float()[None])(f, m) for f, m in zip(pooled, mine)]))
+                     *map(dino, pooled, mine)))
     return sets, mine
 
 
@@ -170,13 +187,14 @@ def main(argv=None):
         fail("the token files have no labels: a linear probe needs classes")
     check_lineage(path, ck, f"the {args.tokenizer} token files in {args.out}", train)
     if train["vocab_size"] != ck["vocab_size"] or tuple(train["grid"]) != tuple(ck["grid"]):
-        fail(f"{path} (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens "
-             f"(vocab {train['vocab_size']}, grid {train['grid']})")
+        fail(f"{path} (vocab {ck['vocab_size']}, grid {ck['grid']}) was not trained on these tokens (vocab "
+             f"{train['vocab_size']}, grid {train['grid']})")
     sets, (mine_train, mine_val) = feature_sets(args, model, train, val, device, dtype)
     names, acc = [], []
     protocol = {k: v for k, v in vars(args).items() if k in ("weight_decay", "standardize", "init_std")}
     for set_names, train_f, val_f in tqdm(sets, desc="linear classifiers", leave=False, disable=rank != 0):
-        classify = fit_linear(train_f, len(train["tokens"]), train["labels"][mine_train], len(train["classes"]),
+        classify = fit_linear(train_f, len(train["tokens"]), train["labels"][mine_train],
+                              len(train["classes"]),
                               args.epochs, args.lr, args.batch_size, args.seed, device, **protocol)
         acc += sharded_accuracy(classify, val_f, val["labels"][mine_val], len(set_names), device).tolist()
         names += set_names
@@ -187,18 +205,19 @@ def main(argv=None):
     best = max(range(n_layer), key=lambda i: acc[i])
     rows = [f"| {n} | {100 * a:.1f} |" + (" best GPT layer |" if i == best else " |")
             for i, (n, a) in enumerate(zip(names, acc))]
-    table = "\n".join([f"Linear probe ({args.protocol} protocol), val top-1 (%), {len(train['tokens'])} train / "
-                       f"{len(val['tokens'])} val images, GPT {len(model.blocks)}x{model.tok_emb.weight.shape[1]} on "
-                       f"{args.tokenizer} tokens, K={train['vocab_size']}:", "",
+    table = "\n".join([f"Linear probe ({args.protocol} protocol), val top-1 (%), {len(train['tokens'])} "
+                       f"train / {len(val['tokens'])} val images, GPT "
+                       f"{len(model.blocks)}x{model.tok_emb.weight.shape[1]} on {args.tokenizer} tokens, "
+                       f"K={train['vocab_size']}:", "",
                        "| features | top-1 | |", "|---|---|---|", *rows])
     print(table)
     name = "probe" if args.tokenizer == "digit" else f"probe_{args.tokenizer}"
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
-    result = dict(top1=dict(zip(names, acc)), per_layer=acc[:n_layer], best_layer=best + 1, best_top1=acc[best],
-                  best_features=names[best],
-                  k=train["vocab_size"], tokenizer=args.tokenizer, protocol=args.protocol, gpt=ck["model_args"],
-                  val_loss=ck["best_val"], precision=ck.get("precision"))
+    result = dict(top1=dict(zip(names, acc)), per_layer=acc[:n_layer], best_layer=best + 1,
+                  best_top1=acc[best], best_features=names[best],
+                  k=train["vocab_size"], tokenizer=args.tokenizer, protocol=args.protocol,
+                  gpt=ck["model_args"], val_loss=ck["best_val"], precision=ck.get("precision"))
     write_json(result, os.path.join(args.out, f"{name}.json"))
     print(f"-> {args.out}/{name}.md, {args.out}/{name}.json")
     return result

@@ -9,8 +9,8 @@ samples.npz, manifest.json):
     python sample.py --class 1,7,9 --num-samples 4   # one row per class
     python sample.py --class 207 --top-k 300 --out out_imagenet      # the paper's protocol: no CFG
     python sample.py                                 # unconditional (or a random class)
-    python sample.py --tokenizer vq --class 7        # the same GPT trained on the pixel VQ's tokens (gpt_vq.pt):
-                                                     # its VQ ids are painted by the VQ decoder -> out/samples_vq/
+    python sample.py --tokenizer vq --class 7        # the GPT on the pixel VQ's tokens (gpt_vq.pt): its
+                                                     # VQ ids painted by the VQ decoder -> out/samples_vq/
     python sample.py --from-tokens out/tokens_val.pt # render real tokens (the decoder alone, no GPT)
     torchrun --nproc_per_node 8 sample.py --class $(seq -s, 0 999) --num-samples 50 --out out_imagenet  # 50k
 
@@ -36,15 +36,18 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from artifacts import TMP_TAG, SampleFolder, check_lineage, expect, load_artifact, save_atomic, tensor_fingerprint
-from common import (add_system_args, autocast, autocast_dtype, bounded, fail, init_distributed, mass, nonneg_int,
-                    parser, positive_int, precision_name, seeded)
+from artifacts import (TMP_TAG, SampleFolder, check_lineage, expect, load_artifact, save_atomic,
+                       tensor_fingerprint)
+from common import (add_system_args, autocast, autocast_dtype, bounded, fail, init_distributed, mass,
+                    nonneg_int, parser, positive_int, precision_name, seeded)
 from data import add_tokenizer_arg, base_view
-from train_decoder import ar_decode, decode, decoder_vq, direct_render, load_decoder, load_direct
-from train_gpt import KVCache, filter_logits, gpt_path, load_gpt, sample_token  # noqa: F401 (filter_logits: tests)
+from train_decoder import ar_decode, decode, load_decoder
+from train_direct import direct_render, load_direct
+from train_gpt import KVCache, gpt_path, load_gpt, sample_token
 from vqgan import load_vq, vq_decode
 
-DECODERS = {"maskgit": "decoder.pt", "ar": "decoder_ar.pt", "direct": "direct.pt"}  # --decoder auto: this order
+# --decoder auto: this order
+DECODERS = {"maskgit": "decoder.pt", "ar": "decoder_ar.pt", "direct": "direct.pt"}
 
 
 def get_args(argv=None):
@@ -55,14 +58,17 @@ def get_args(argv=None):
     a("--from-tokens", default=None, help="render the first rows of this token file instead of sampling")
     a("--tokens-only", action="store_true", help="only sample DiGIT tokens, no rendering")
     a = p.add_argument_group("sampling").add_argument
-    a("--temperature", type=bounded(0.01, 100), default=1.0, help="softmax temperature (default: %(default)s)")
+    a("--temperature", type=bounded(0.01, 100), default=1.0,
+      help="softmax temperature (default: %(default)s)")
     a("--top-k", type=nonneg_int, default=0, help="keep the k likeliest, 0 = all (default: %(default)s)")
     a("--top-p", type=mass, default=1.0, help="nucleus mass, 1 = off (default: %(default)s)")
-    a("--cfg-scale", type=bounded(0, 100), default=1.0, help="guidance u + s(c - u), 1 = off (default: %(default)s)")
+    a("--cfg-scale", type=bounded(0, 100), default=1.0,
+      help="guidance u + s(c - u), 1 = off (default: %(default)s)")
     a("--decoder", default="auto", choices=["auto", *DECODERS], help="renderer (default: %(default)s)")
     a("--vq", default=None, help="the decoder's VQ, if it moved (default: as recorded)")
     a("--decode-steps", type=positive_int, default=8, help="MaskGIT steps (default: %(default)s)")
-    a("--decode-temperature", type=bounded(0.01, 100), default=1.0, help="stage-2 temperature (default: %(default)s)")
+    a("--decode-temperature", type=bounded(0.01, 100), default=1.0,
+      help="stage-2 temperature (default: %(default)s)")
     a("--decode-top-p", type=mass, default=0.8, help="AR stage 2: nucleus mass (default: %(default)s)")
     a("--no-cache", action="store_true", help="recompute the whole prefix every step (checks, benchmarks)")
     a = p.add_argument_group("output").add_argument
@@ -70,7 +76,8 @@ def get_args(argv=None):
     a("--show-tokens", action="store_true", help="also draw the token ids (one colour per id)")
     a("--no-npz", action="store_true", help="do not write samples.npz (all samples as one uint8 array)")
     system = add_system_args(p, "reads gpt.pt and the decoders from here")
-    system.add_argument("--batch-size", type=positive_int, default=64, help="images at once (default: %(default)s)")
+    system.add_argument("--batch-size", type=positive_int, default=64,
+                        help="images at once (default: %(default)s)")
     add_tokenizer_arg(system)
     return p.parse_args(argv)
 
@@ -78,11 +85,11 @@ def get_args(argv=None):
 @torch.no_grad()
 def generate(model, labels, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0, gen=None, use_cache=True,
              progress=False, dtype=None, length=None):
-    """DiGIT tokens [B, T] for class labels [B] (model.null_class: unconditional), one token per step, drawn on
-    the model's device (gen: a generator there). With cfg_scale != 1 the conditional rows and their null-class
-    twins run as one batch of 2B and the logits are mixed as uncond + s * (cond - uncond) (Ho & Salimans 2022).
-    dtype: the KV cache's (the autocast dtype sampling runs in). length: tokens to draw (default: the block size;
-    a converted official GPT has one position more than its h*w tokens)."""
+    """DiGIT tokens [B, T] for class labels [B] (model.null_class: unconditional), one token per step, drawn
+    on the model's device (gen: a generator there). With cfg_scale != 1 the conditional rows and their
+    null-class twins run as one batch of 2B and the logits are mixed as uncond + s * (cond - uncond) (Ho &
+    Salimans 2022). dtype: the KV cache's (the autocast dtype sampling runs in). length: tokens to draw
+    (default: the block size; a converted official GPT has one position more than its h*w tokens)."""
     B, T = len(labels), length or model.block_size
     device = model.tok_emb.weight.device
     guided = cfg_scale != 1.0
@@ -108,7 +115,8 @@ def parse_classes(spec, classes):
         if re.fullmatch(r"-?[0-9]+", item):
             idx = int(item)
             if not 0 <= idx < len(classes):
-                fail(f"class {idx} is out of range: the model knows {len(classes)} classes (0..{len(classes) - 1})")
+                fail(f"class {idx} is out of range: the model knows {len(classes)} classes "
+                     f"(0..{len(classes) - 1})")
         elif item in classes:
             idx = classes.index(item)
         else:
@@ -144,8 +152,8 @@ def sampling_plan(args, gpt, gpt_ck, device):
     (--from-tokens) or None, and a line describing it."""
     classes, gen = gpt_ck["classes"], seeded(args.seed)
     if args.from_tokens:  # render real tokens: what the decoder alone can do, no GPT involved
-        tokens, labels = real_tokens(args.from_tokens, args.num_samples, gpt_path(args.out, args.tokenizer), gpt_ck,
-                                     device)
+        tokens, labels = real_tokens(args.from_tokens, args.num_samples, gpt_path(args.out, args.tokenizer),
+                                     gpt_ck, device)
         return labels, tokens, f"rendering {len(tokens)} real token grids of {args.from_tokens}"
     if gpt.n_classes == 0:
         return None, None, f"{args.num_samples} unconditional samples"
@@ -157,6 +165,22 @@ def sampling_plan(args, gpt, gpt_ck, device):
         note = "classes " + ", ".join(f"{c} ({classes[c]})" for c in rows)
     labels = torch.tensor(rows, device=device).repeat_interleave(args.num_samples)
     return labels, None, f"{args.num_samples} per class, {note}"
+
+
+def decoder_vq(dec_ck, dec_path, device, vq_path=None):
+    """The VQ a MaskGIT/AR checkpoint learned: --vq given to sample.py, else the file it recorded (as
+    recorded, then relative to the checkpoint's folder: a moved out/ still finds it), else OUT/vq.pt; checked
+    to be the same VQ (fingerprint) whatever the path."""
+    folder = os.path.dirname(os.path.abspath(dec_path))
+    candidates = [vq_path] if vq_path else [dec_ck.get("vq_path"), dec_ck.get("vq_relpath") and os.path.join(
+        folder, dec_ck["vq_relpath"]), os.path.join(folder, "vq.pt")]
+    path = next((p for p in candidates if p and os.path.exists(p)), None)
+    if path is None:
+        recorded = dec_ck.get("vq_path") or os.path.join(folder, "vq.pt")
+        fail(f"{dec_path} was trained on the VQ {recorded}, which is not there: give its new place with --vq")
+    vq, vq_ck = load_vq(path, device, grid=tuple(dec_ck["grid"]), pixel_size=dec_ck.get("pixel_size"))
+    check_lineage(dec_path, dec_ck, path, vq_ck)
+    return vq, vq_ck, path
 
 
 def load_renderer(args, gpt_ck, device, dtype):
@@ -171,7 +195,8 @@ def load_renderer(args, gpt_ck, device, dtype):
         return (lambda t, gen: vq_decode(vq, t, tuple(vq_ck["grid"]))), {path: vq_ck}, "the VQ decoder"
     choice = args.decoder
     if choice == "auto":
-        choice = next((k for k, f in DECODERS.items() if os.path.exists(os.path.join(args.out, f))), "maskgit")
+        choice = next((k for k, f in DECODERS.items() if os.path.exists(os.path.join(args.out, f))),
+                      "maskgit")
     path = os.path.join(args.out, DECODERS[choice])
     if choice == "direct":
         direct, d_ck = load_direct(path, device)
@@ -252,7 +277,8 @@ def finish(args, folder, labels, n, gpt_ck, starts):
     save_image(make_grid(images, nrow=nrow, padding=2), os.path.join(out, "grid.png"))
     print(f"{n} images -> {out}/NNNNN_*.png, first {shown} in {out}/grid.png")
     if args.show_tokens:
-        pic = token_picture(tokens[:shown], tuple(gpt_ck["grid"]), images.shape[-1], gpt_ck["vocab_size"]) / 2 + 0.5
+        pic = token_picture(tokens[:shown], tuple(gpt_ck["grid"]), images.shape[-1],
+                            gpt_ck["vocab_size"]) / 2 + 0.5
         save_image(make_grid(torch.cat([pic, images]), nrow=nrow), os.path.join(out, "tokens.png"))
         print(f"token picture (top: token ids as colours, bottom: images) -> {out}/tokens.png")
     if not args.no_npz:
@@ -272,9 +298,11 @@ def main(argv=None):
     if args.from_tokens and args.tokens_only:
         fail("--from-tokens renders given tokens; --tokens-only would do nothing")
     if args.classes is not None and gpt.n_classes == 0:
-        fail("--class given, but gpt.pt is an unconditional model (trained with --unconditional or without labels)")
+        fail("--class given, but gpt.pt is an unconditional model (trained with --unconditional or without "
+             "labels)")
     if args.cfg_scale != 1.0 and gpt_ck["config"].get("class_dropout", 0) == 0 and rank == 0:
-        print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never trained",
+        print("warning: --cfg-scale on a model trained without --class-dropout: its null class was never "
+              "trained",
               file=sys.stderr)
     args.length = gpt_ck["grid"][0] * gpt_ck["grid"][1]  # h*w tokens per image
     labels, given, note = sampling_plan(args, gpt, gpt_ck, device)  # checks --class and --from-tokens first
@@ -283,17 +311,18 @@ def main(argv=None):
     n = len(given) if given is not None else len(labels) if labels is not None else args.num_samples
     if rank == 0:
         print(f"sampling {note}; temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, cfg "
-              f"{args.cfg_scale}, {'no ' if args.no_cache else ''}KV cache, {precision_name(dtype)}; rendered by "
-              f"{renderer}; {world} process(es)")
+              f"{args.cfg_scale}, {'no ' if args.no_cache else ''}KV cache, {precision_name(dtype)}; "
+              f"rendered by {renderer}; {world} process(es)")
 
-    # What the folder holds: the settings and the checkpoints' fingerprints (no paths: a moved folder resumes).
-    # Work comes in batches of global sample indices; batch s has its own random stream (seeded by s), so the
-    # images do not depend on the number of ranks, and a batch whose part file exists is already done.
-    skip = ("out", "samples_dir", "device", "show_tokens", "no_npz", "from_tokens", "vq", "dist_timeout", "precision",
-            "length")
+    # What the folder holds: the settings and the checkpoints' fingerprints (no paths: a moved folder
+    # resumes). Work comes in batches of global sample indices; batch s has its own random stream (seeded
+    # by s), so the images do not depend on the number of ranks, and a batch whose part file exists is done.
+    skip = ("out", "samples_dir", "device", "show_tokens", "no_npz", "from_tokens", "vq", "dist_timeout",
+            "precision", "length")
     settings = {k: v for k, v in vars(args).items() if k not in skip}
     settings.update(precision=precision_name(dtype), models=[gpt_ck.get("fingerprint")] + [
-        ck.get("fingerprint") for ck in used.values()], given=tensor_fingerprint(given) if given is not None else None)
+        ck.get("fingerprint") for ck in used.values()],
+                    given=tensor_fingerprint(given) if given is not None else None)
     default = "samples" if args.tokenizer == "digit" else f"samples_{args.tokenizer}"
     folder = SampleFolder(args.samples_dir or os.path.join(args.out, default), settings, n,
                           "--samples-dir" if args.samples_dir else "--out")

@@ -21,11 +21,11 @@ What decides it (the analysis table):
 The paper's theory in one picture (--toy, always written): two overlapping classes in 2-D projected to 1-D
 by PCA (keeps variance, like a reconstructive tokenizer) and by LDA (keeps what separates the classes, like
 a discriminative one), and how accurate each projection stays as noise grows.
-
-The paper's own setting in miniature (photos_stability.sh): natural photographs that ship offline (the sample
-images inside the scikit-image wheel, read with zipfile, nothing installed), cut into 128 px crops; a K-means
-and a small VQ fitted on crops of some photos, the stability table measured on crops of the others, with the
-noise at native resolution: there DINOv2 is in its own domain and both tokenizers work near the native size.
+ The paper's own setting in miniature (runs/photos_stability.sh): natural photographs that ship offline (the
+sample images inside the scikit-image wheel, read with zipfile, nothing installed), cut into 128 px crops; a
+K-means and a small VQ fitted on crops of some photos, the stability table measured on crops of the others,
+with the noise at native resolution: there DINOv2 is in its own domain and both tokenizers work near the
+native size.
 
 Run (reads out/codebook.pt, out/vq.pt, out/tokens_val.pt; writes out/stability.md, out/stability.json,
 out/stability.png, out/toy.png):
@@ -46,15 +46,16 @@ from tqdm import tqdm
 from artifacts import lineage, prepare_out
 from common import (add_system_args, autocast, autocast_dtype, bounded, fail, init_distributed, parser,
                     positive_int, seeded)
-from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_token_file, dataset_for_tokens, load_codebook,
-                  load_tokens, token_path, wheel_member)
+from data import (DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, check_token_file, dataset_for_tokens,
+                  load_codebook, load_tokens, token_path, wheel_member)
 from dinov2 import load_encoder
 from tokenize_kmeans import nearest_centroid
 from vqgan import load_vq
 
 SNRS = [30, 25, 20, 15, 10, 5, 1, 0.01]
 # The paper's Table 1 (ImageNet): fraction of tokens changed at each SNR above
-PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956], "DiGIT": [.114, .160, .228, .320, .443, .571, .673, .721]}
+PAPER_CHANGE = {"VQ": [.187, .284, .421, .578, .738, .857, .928, .956],
+                "DiGIT": [.114, .160, .228, .320, .443, .571, .673, .721]}
 ANALYSIS_SNRS = [20, 10, 1]
 
 
@@ -64,9 +65,11 @@ def get_args(argv=None):
     a("--images", type=positive_int, default=200, help="val images (default: %(default)s)")
     a("--snrs", default=",".join(map(str, SNRS)), help="SNRs in dB, comma-separated (default: the paper's)")
     a("--write-photos", default=None, metavar="DIR", help="only write the photo crops to DIR and stop")
-    a("--foreground", type=bounded(0, 1), default=0.1, help="mean clean pixel of a foreground cell (default: %(default)s)")
+    a("--foreground", type=bounded(0, 1), default=0.1,
+      help="mean clean pixel of a foreground cell (default: %(default)s)")
     a("--vq", default=None, help="the pixel tokenizer compared (default: OUT/vq.pt)")
-    a("--pixel-size", type=positive_int, default=None, help="image side a pretrained --vq sees (default: fitted)")
+    a("--pixel-size", type=positive_int, default=None,
+      help="image side a pretrained --vq sees (default: fitted)")
     add_system_args(p, "reads codebook.pt, vq.pt, tokens_val.pt from and writes stability.* to")
     args = p.parse_args(argv)
     try:
@@ -81,7 +84,8 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- noise on pixels in [0, 1]
 
 def add_noise(x, snr_db, gen):
-    """x [3, H, W] in [0, 1] + Gaussian noise of power P_signal / 10^(SNR/10), P_signal = mean(x^2) of this image."""
+    """x [3, H, W] in [0, 1] + Gaussian noise of power P_signal / 10^(SNR/10), P_signal = mean(x^2) of this
+    image."""
     power = x.pow(2).mean()
     return x + torch.randn(x.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
 
@@ -89,7 +93,8 @@ def add_noise(x, snr_db, gen):
 def resize(x, size):
     """What the tokenizers' transforms do (data.image_transform / pixel_transform), on a float tensor that may
     hold noise outside [0, 1]: shorter side to size (bicubic, antialiased), centre crop."""
-    return TF.center_crop(TF.resize(x, size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True), size)
+    return TF.center_crop(TF.resize(x, size, interpolation=transforms.InterpolationMode.BICUBIC,
+                                    antialias=True), size)
 
 
 # ----------------------------------------------------------------------------- the two tokenizers
@@ -99,8 +104,10 @@ class DiGITTokenizer:
     makes them (the encoder in the run's precision, the nearest centroid in fp32)."""
 
     def __init__(self, cb, device, dtype, batch_size=64):
-        self.encoder, self.layer, self.size = load_encoder(cb["encoder"]).to(device), cb["layer"], cb["image_size"]
-        self.centroids, self.device, self.dtype, self.batch_size = cb["centroids"].to(device), device, dtype, batch_size
+        self.encoder = load_encoder(cb["encoder"]).to(device)
+        self.layer, self.size = cb["layer"], cb["image_size"]
+        self.centroids = cb["centroids"].to(device)
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def prepare(self, x):
@@ -109,8 +116,8 @@ class DiGITTokenizer:
     @torch.no_grad()
     def __call__(self, x):  # x: [N, 3, S, S] already at self.size, in [0, 1] (+ noise)
         with autocast(self.device, self.dtype):
-            f = torch.cat([self.encoder.get_intermediate_layers(self.norm(c).to(self.device), [self.layer])[0].float()
-                           for c in x.split(self.batch_size)]).flatten(0, 1)
+            f = torch.cat([self.encoder.get_intermediate_layers(self.norm(c).to(self.device), [self.layer])[0]
+                           for c in x.split(self.batch_size)]).float().flatten(0, 1)
         mu = self.centroids.mean(0)  # centred, as tokenize_kmeans.py assigns (float32 precision)
         return f, nearest_centroid(f - mu, self.centroids - mu)[0]
 
@@ -119,7 +126,8 @@ class VQTokenizer:
     """Pixels in [0, 1] -> (unit-norm VQ encoder outputs [N*h*w, D], VQ code ids [N*h*w]) of vq.pt."""
 
     def __init__(self, vq, size, device, dtype, batch_size=64):
-        self.vq, self.size, self.device, self.dtype, self.batch_size = vq, size, device, dtype, batch_size
+        self.vq, self.size = vq, size
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
 
     def prepare(self, x):
         return resize(x, self.size)
@@ -138,7 +146,8 @@ def load_tokenizers(out, val_tok, device, dtype, vq_path=None, pixel_size=None):
     cb = load_codebook(out, val_tok, "val")
     path = vq_path or os.path.join(out, "vq.pt")
     vq, vq_ck = load_vq(path, device, grid=tuple(val_tok["grid"]), pixel_size=pixel_size)
-    tokenizers = {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device, dtype), "DiGIT": DiGITTokenizer(cb, device, dtype)}
+    tokenizers = {"VQ": VQTokenizer(vq, vq_ck["pixel_size"], device, dtype),
+                  "DiGIT": DiGITTokenizer(cb, device, dtype)}
     return tokenizers, vq_ck
 
 
@@ -150,29 +159,31 @@ def native_images(val_tok, n):
 
 # ----------------------------------------------------------------------------- natural photos, offline
 
-# photographs and natural textures inside the scikit-image wheel: K-means and VQ are fitted on crops of the first
-# group, stability is measured on crops of the second (other scenes, other textures)
-PHOTOS = {"train": ["astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "grass.png", "brick.png",
-                    "retina.jpg", "camera.png"],
+# photographs and natural textures inside the scikit-image wheel: K-means and VQ are fitted on crops of the
+# first group, stability is measured on crops of the second (other scenes, other textures)
+PHOTOS = {"train": ["astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg",
+                    "grass.png", "brick.png", "retina.jpg", "camera.png"],
           "val": ["chelsea.png", "rocket.jpg", "motorcycle_right.png", "gravel.png", "coins.png", "ihc.png"]}
 
 
 def write_photo_crops(root, n=dict(train=800, val=200), size=128, seed=0, cache=DEFAULT_CACHE):
-    """Random size x size crops at native resolution of the wheel's photos, as an ImageFolder with one class."""
+    """Random size x size crops at native resolution of the wheel's photos, as an ImageFolder with one
+    class."""
     from PIL import Image
     import io
     gen = seeded(seed)
     for split, names in PHOTOS.items():
-        photos = [Image.open(io.BytesIO(wheel_member("scikit-image", "0.25.2", f"skimage/data/{name}", cache))).convert("RGB")
-                  for name in names]
+        files = [wheel_member("scikit-image", "0.25.2", f"skimage/data/{name}", cache) for name in names]
+        photos = [Image.open(io.BytesIO(f)).convert("RGB") for f in files]
         folder = os.path.join(root, split, "photo")
         os.makedirs(folder, exist_ok=True)
         for i in range(n[split]):
             photo = photos[i % len(photos)]
-            top, left = (int(torch.randint(s - size + 1, (1,), generator=gen)) for s in (photo.height, photo.width))
+            top, left = (int(torch.randint(s - size + 1, (1,), generator=gen))
+                         for s in (photo.height, photo.width))
             photo.crop((left, top, left + size, top + size)).save(os.path.join(folder, f"{i:05d}.png"))
-    print(f"{n['train']} train crops of {len(PHOTOS['train'])} photos, {n['val']} val crops of {len(PHOTOS['val'])} others "
-          f"({size} px) -> {root}/{{train,val}}/photo/")
+    print(f"{n['train']} train crops of {len(PHOTOS['train'])} photos, {n['val']} val crops of "
+          f"{len(PHOTOS['val'])} others ({size} px) -> {root}/{{train,val}}/photo/")
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -196,14 +207,21 @@ def measure(tokenizers, images, snrs, gen, where="native"):
 
 
 def foreground_mask(images, grid, threshold):
-    """[N*h*w] bool: the token's cell of the clean image (native pixels averaged over it) is brighter than threshold."""
+    """[N*h*w] bool: the token's cell of the clean image (native pixels averaged over it) is brighter than
+    threshold."""
     cells = torch.stack([F.adaptive_avg_pool2d(x.mean(0, keepdim=True), grid).flatten() for x in images])
     return (cells > threshold).flatten()
 
 
+def agreement(ids, tokens):
+    """Fraction of ids [N*L] (recomputed here) equal to the stored token rows [N, L]."""
+    return float((ids.view(len(tokens), -1).cpu() == tokens.long()).float().mean())
+
+
 def summary(rows, mask=None):
     keep = (lambda t: t) if mask is None else (lambda t: t[mask])
-    return [dict(snr=r["snr"], changed=float(keep(r["changed"]).float().mean()), cosine=float(keep(r["cosine"]).mean())) for r in rows]
+    return [dict(snr=r["snr"], changed=float(keep(r["changed"]).float().mean()),
+                 cosine=float(keep(r["cosine"]).mean())) for r in rows]
 
 
 def analysis(fair, at_input, fg):
@@ -211,8 +229,10 @@ def analysis(fair, at_input, fg):
     snrs = [r["snr"] for r in at_input["VQ"]]
     rows = []
     for name in ("VQ", "DiGIT"):
-        for label, res, mask in (("at native res., all tokens", fair, None), ("at native res., foreground", fair, fg),
-                                 ("at native res., background", fair, ~fg), ("at its own input res., all tokens", at_input, None)):
+        for label, res, mask in (("at native res., all tokens", fair, None),
+                                 ("at native res., foreground", fair, fg),
+                                 ("at native res., background", fair, ~fg),
+                                 ("at its own input res., all tokens", at_input, None)):
             s = {r["snr"]: r["changed"] for r in summary(res[name], mask)}
             rows.append(dict(tokenizer=name, setting=label, changed=[s[x] for x in snrs]))
     return dict(snrs=snrs, rows=rows, foreground_share=float(fg.float().mean()))
@@ -221,13 +241,16 @@ def analysis(fair, at_input, fg):
 # ----------------------------------------------------------------------------- the toy: PCA vs LDA
 
 def toy_pca_lda(n=2000, noises=(0, 0.5, 1, 1.5, 2, 3), seed=0):
-    """Two classes in 2-D with a long shared axis of variance (x) and the class difference on the short one (y).
-    PCA's 1-D projection keeps x (the variance), LDA's keeps what separates the classes. Accuracy of a threshold
-    classifier on each projection, fitted on clean points, as Gaussian noise of growing std is added to the points."""
+    """Two classes in 2-D with a long shared axis of variance (x) and the class difference on the short one
+    (y). PCA's 1-D projection keeps x (the variance), LDA's keeps what separates the classes. Accuracy of a
+    threshold classifier on each projection, fitted on clean points, as Gaussian noise of growing std is added
+    to the points."""
     g = seeded(seed)
     y = torch.arange(n) % 2
-    x = torch.randn(n, 2, generator=g) * torch.tensor([3.0, 0.6]) + (y[:, None] * 2 - 1) * torch.tensor([0.6, 1.0])
-    x = x @ torch.tensor([[0.94, 0.34], [-0.34, 0.94]])  # rotated a little: neither axis is trivially "the" answer
+    sign = y[:, None] * 2 - 1
+    x = torch.randn(n, 2, generator=g) * torch.tensor([3.0, 0.6]) + sign * torch.tensor([0.6, 1.0])
+    # rotated a little: neither axis is trivially "the" answer
+    x = x @ torch.tensor([[0.94, 0.34], [-0.34, 0.94]])
     xc = x - x.mean(0)
     pca = torch.linalg.eigh(xc.T @ xc / n).eigenvectors[:, -1]  # largest-variance direction
     m0, m1 = x[y == 0].mean(0), x[y == 1].mean(0)
@@ -270,20 +293,26 @@ def plot_toy(toy, path):
 
 # ----------------------------------------------------------------------------- tables and plot
 
+def row(cells, values, fmt=".3f"):
+    """One markdown table row: the leading cells, then the values formatted."""
+    return "| " + " | ".join(list(cells) + [f"{v:{fmt}}" for v in values]) + " |"
+
+
 def stability_table(st):
     snrs = [r["snr"] for r in st["VQ"]]
-    lines = ["| SNR (dB) | " + " | ".join(f"{s:g}" for s in snrs) + " |", "|---" * (len(snrs) + 1) + "|"]
+    lines = [row(["SNR (dB)"], snrs, "g"), "|---" * (len(snrs) + 1) + "|"]
     for name in ("VQ", "DiGIT"):
-        lines.append(f"| {name}: tokens changed (ours) | " + " | ".join(f"{r['changed']:.3f}" for r in st[name]) + " |")
+        lines.append(row([f"{name}: tokens changed (ours)"], [r["changed"] for r in st[name]]))
         if snrs == SNRS:
-            lines.append(f"| {name}: tokens changed (paper, ImageNet) | " + " | ".join(f"{v:.3f}" for v in PAPER_CHANGE[name]) + " |")
-        lines.append(f"| {name}: latent cosine similarity (ours) | " + " | ".join(f"{r['cosine']:.3f}" for r in st[name]) + " |")
+            lines.append(row([f"{name}: tokens changed (paper, ImageNet)"], PAPER_CHANGE[name]))
+        lines.append(row([f"{name}: latent cosine similarity (ours)"], [r["cosine"] for r in st[name]]))
     return "\n".join(lines)
 
 
 def analysis_table(an):
-    lines = ["| tokenizer | noise added ... | " + " | ".join(f"{s:g} dB" for s in an["snrs"]) + " |", "|---|---|" + "---|" * len(an["snrs"])]
-    lines += [f"| {r['tokenizer']} | {r['setting']} | " + " | ".join(f"{c:.3f}" for c in r["changed"]) + " |" for r in an["rows"]]
+    lines = [row(["tokenizer", "noise added ..."], [f"{s:g} dB" for s in an["snrs"]], "s"),
+             "|---|---|" + "---|" * len(an["snrs"])]
+    lines += [row([r["tokenizer"], r["setting"]], r["changed"]) for r in an["rows"]]
     return "\n".join(lines)
 
 
@@ -297,7 +326,8 @@ def plot_stability(st, path):
     for name, color in (("VQ", "tab:red"), ("DiGIT", "tab:blue")):
         axes[0].plot(xs, [r["changed"] for r in st[name]], "o-", color=color, label=f"{name} (ours)")
         if snrs == SNRS:
-            axes[0].plot(xs, PAPER_CHANGE[name], "x--", color=color, alpha=0.5, label=f"{name} (paper, ImageNet)")
+            axes[0].plot(xs, PAPER_CHANGE[name], "x--", color=color, alpha=0.5,
+                         label=f"{name} (paper, ImageNet)")
         axes[1].plot(xs, [r["cosine"] for r in st[name]], "o-", color=color, label=name)
     for ax, title in zip(axes, ("fraction of tokens changed", "cosine similarity of latents")):
         ax.set_xticks(list(xs), [f"{s:g}" for s in snrs])
@@ -315,7 +345,8 @@ def main(argv=None):
         return write_photo_crops(args.write_photos, seed=args.seed)
     out = prepare_out(args.out)
     rank, _, device = init_distributed(args.device, args.dist_timeout)
-    if rank != 0:  # a small experiment: one process does it (under torchrun the others just wait for it to end)
+    # a small experiment: one process does it (under torchrun the others just wait for it to end)
+    if rank != 0:
         return None
     dtype = autocast_dtype(args.precision, device)
     val_tok = load_tokens(out, "val")
@@ -325,29 +356,34 @@ def main(argv=None):
     n = len(images)
 
     fair, clean = measure(tokenizers, images, args.snrs, seeded(args.seed), "native")
-    at_input, _ = measure(tokenizers, images, [s for s in args.snrs if s in ANALYSIS_SNRS], seeded(args.seed, 1), "input")
+    analysis_snrs = [s for s in args.snrs if s in ANALYSIS_SNRS]
+    at_input, _ = measure(tokenizers, images, analysis_snrs, seeded(args.seed, 1), "input")
     fg = foreground_mask(images, tuple(val_tok["grid"]), args.foreground)
-    result = dict(images=n, fair={name: summary(fair[name]) for name in fair}, at_input={name: summary(at_input[name]) for name in at_input},
+    result = dict(images=n, fair={name: summary(fair[name]) for name in fair},
+                  at_input={name: summary(at_input[name]) for name in at_input},
                   analysis=analysis(fair, at_input, fg),
-                  # the clean ids recomputed here (float tensor resize) vs the token files (PIL resize of uint8 images): a
-                  # perturbation far below any SNR above, and how many ids it already changes
-                  resize_agreement=dict(DiGIT=float((clean["DiGIT"][1].view(n, -1).cpu() == val_tok["tokens"][:n].long()).float().mean())))
+                  # the clean ids recomputed here (float tensor resize) vs the token files (PIL resize of
+                  # uint8 images): a perturbation far below any SNR above, and how many ids it already changes
+                  resize_agreement=dict(DiGIT=agreement(clean["DiGIT"][1], val_tok["tokens"][:n])))
     vq_tok = load_tokens(out, "val", "vq") if os.path.exists(token_path(out, "val", "vq")) else None
     if vq_tok is not None and lineage(vq_tok).get("vq") == lineage(vq_ck).get("vq"):  # that VQ's own ids only
-        same = clean["VQ"][1].view(n, -1).cpu() == vq_tok["tokens"][:n].long()
-        result["resize_agreement"]["VQ"] = float(same.float().mean())
+        result["resize_agreement"]["VQ"] = agreement(clean["VQ"][1], vq_tok["tokens"][:n])
     toy = toy_pca_lda(seed=args.seed)
     result["toy"] = dict(noises=toy["noises"], accuracy=toy["accuracy"])
 
     text = "\n".join([
-        f"Latent stability, fair protocol: noise once per image on its native pixels ({tuple(images[0].shape[1:])} for the first), "
-        f"the same noisy image to both tokenizers; {n} val images; DiGIT sees {tokenizers['DiGIT'].size} px, the VQ {tokenizers['VQ'].size} px.", "",
+        "Latent stability, fair protocol: noise once per image on its native pixels "
+        f"({tuple(images[0].shape[1:])} for the first), the same noisy image to both tokenizers; {n} val "
+        f"images; DiGIT sees {tokenizers['DiGIT'].size} px, the VQ {tokenizers['VQ'].size} px.", "",
         stability_table(result["fair"]), "", "What decides it (fraction of tokens changed; foreground = "
-        f"{100 * result['analysis']['foreground_share']:.0f}% of the tokens):", "", analysis_table(result["analysis"]), "",
-        "Clean images, only the resize differs (float tensor bicubic here vs PIL bicubic of uint8 in the token files): ids equal "
-        "for " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["resize_agreement"].items()) + ".", "",
-        f"Toy (PCA vs LDA): accuracy at noise std {toy['noises']}: PCA {[round(a, 3) for a in toy['accuracy']['PCA']]}, "
-        f"LDA {[round(a, 3) for a in toy['accuracy']['LDA']]}.", ""])
+        f"{100 * result['analysis']['foreground_share']:.0f}% of the tokens):", "",
+        analysis_table(result["analysis"]), "",
+        "Clean images, only the resize differs (float tensor bicubic here vs PIL bicubic of uint8 in the "
+        "token files): ids equal for "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["resize_agreement"].items()) + ".", "",
+        f"Toy (PCA vs LDA): accuracy at noise std {toy['noises']}: PCA "
+        f"{[round(a, 3) for a in toy['accuracy']['PCA']]}, LDA "
+        f"{[round(a, 3) for a in toy['accuracy']['LDA']]}.", ""])
     print(text)
     with open(os.path.join(out, "stability.md"), "w") as f:
         f.write(text)

@@ -45,9 +45,9 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from artifacts import expect, load_artifact, prepare_out, save_atomic, tensor_fingerprint
-from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed, gather_objects,
-                    gather_rows, init_distributed, nonneg_float, nonneg_int, parser, positive_int, precision_name,
-                    seeded)
+from common import (add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed,
+                    gather_objects, gather_rows, init_distributed, nonneg_float, nonneg_int, parser,
+                    positive_int, precision_name, seeded)
 from data import (DEFAULT_CACHE, AllViews, SkipBad, base_view, collate_skip, dataset_for_tokens, make_dataset,
                   max_views, pixel_transform)
 from dinov2 import ENCODERS, encoder_depth, feature_cache, feature_key, load_encoder
@@ -62,26 +62,33 @@ PRESETS = {
 def get_args(argv=None):
     p = parser(__doc__)
     g = p.add_argument_group("data and encoder").add_argument
-    g("--data", default="mnist", help="'mnist' or an ImageFolder root with train/, val/ (default: %(default)s)")
-    g("--encoder", default=None, help="DINOv2 weights, " + ", ".join(sorted(ENCODERS)) + " (default: by --data)")
+    g("--data", default="mnist",
+      help="'mnist' or an ImageFolder root with train/, val/ (default: %(default)s)")
+    g("--encoder", default=None,
+      help="DINOv2 weights, " + ", ".join(sorted(ENCODERS)) + " (default: by --data)")
     g("--layer", type=int, default=-3, help="block clustered; -3 = 3rd from last (default: %(default)s)")
-    g("--image-size", type=positive_int, default=None, help="input side, a multiple of 14 (default: by --data)")
-    g("--crop-size", type=positive_int, default=None, help="pixel crop resized to --image-size (official: 256)")
+    g("--image-size", type=positive_int, default=None,
+      help="input side, a multiple of 14 (default: by --data)")
+    g("--crop-size", type=positive_int, default=None,
+      help="pixel crop resized to --image-size (official: 256)")
     g("--batch-size", type=positive_int, default=64, help="images per encoder batch (default: %(default)s)")
     g("--workers", type=nonneg_int, default=2, help="data loader processes (default: %(default)s)")
     g("--cache", default=DEFAULT_CACHE, help="wheels and converted weights (default: %(default)s)")
     g = p.add_argument_group("K-means").add_argument
     g("--k", type=positive_int, default=None, help="codebook size K (default: by --data)")
     g("--iters", type=positive_int, default=20, help="Lloyd iterations (default: %(default)s)")
-    g("--init", default="k-means++", choices=["k-means++", "random"], help="initialisation (default: %(default)s)")
+    g("--init", default="k-means++", choices=["k-means++", "random"],
+      help="initialisation (default: %(default)s)")
     g("--tol", type=nonneg_float, default=1e-4, help="stop below this inertia gain (default: %(default)s)")
     g("--fit-points", type=positive_int, default=None, help="patches fitted on (default: 256 per centroid)")
-    g("--init-points", type=positive_int, default=None, help="patches k-means++ draws from (default: 16 per K)")
+    g("--init-points", type=positive_int, default=None,
+      help="patches k-means++ draws from (default: 16 per K)")
     g("--refit", action="store_true", help="replace codebook.pt by a new fit")
     g = p.add_argument_group("token views for the GPT (augmentation)").add_argument
-    g("--views", type=positive_int, default=1, help="tokenize each train image V times (default: %(default)s)")
+    g("--views", type=positive_int, default=1,
+      help="tokenize each train image V times (default: %(default)s)")
     g("--view-flips", action=argparse.BooleanOptionalAction, default=None,
-      help="mirrored views too (default: yes for an ImageFolder, no for mnist)")
+      help="mirrored views too (default: yes for folders, no for mnist)")
     g = p.add_argument_group("other").add_argument
     g("--gallery", action="store_true", help="only draw OUT/gallery.png from the token files")
     add_system_args(p, "writes codebook.pt and tokens_*.pt here")
@@ -113,7 +120,8 @@ def nearest_centroid(x, C, chunk=None, x_sq=None):
     are added in the same pass that widens it to float32 (bf16 + fp32 -> fp32: one pass over the [chunk, K]
     tile, not three); a few near-ties then pick the other centroid. x_sq: ||x||^2 per row, if known (K-means
     computes it once, not at every iteration)."""
-    chunk = chunk or (1024 if x.dtype == torch.bfloat16 else default_chunk(C.shape[0]))  # bf16: smaller tiles win
+    # bf16: smaller tiles win
+    chunk = chunk or (1024 if x.dtype == torch.bfloat16 else default_chunk(C.shape[0]))
     C = C.float()
     c_sq, Ct = (C * C).sum(1), (-2 * C).t().to(x.dtype)
     dists, idx = torch.empty(len(x), device=x.device), torch.empty(len(x), dtype=torch.long, device=x.device)
@@ -179,14 +187,17 @@ def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True, dtype=Non
     if k > n_total:
         fail(f"--k {k} is larger than the number of points to cluster ({n_total})")
     centre, x_assign = 0.0, x
-    if dtype is not None:  # converted once; centred first: bf16 keeps ~3 digits, a large common mean would swamp them
+    # converted once; centred first: bf16 keeps ~3 digits, a large common mean would swamp them
+    if dtype is not None:
         centre = (all_reduce(x.sum(0, dtype=torch.float64)) / n_total).float()
         x_assign = (x - centre).to(dtype)
     x_sq = torch.cat([c.float().pow(2).sum(1) for c in x_assign.split(1 << 16)])  # once, not every iteration
     prev, history = float("inf"), []
     for it in range(iters):
-        idx, d = nearest_centroid(x_assign, C - centre, chunk, x_sq)  # distances do not change with the centre
-        # float32 sums (a float64 copy of x would cost 10x the time of this step); x is centred, so they stay accurate
+        # distances do not change with the centre
+        idx, d = nearest_centroid(x_assign, C - centre, chunk, x_sq)
+        # float32 sums (a float64 copy of x would cost 10x the time of this step); x is centred, so they
+        # stay accurate
         sums = torch.zeros(k, x.shape[1], device=x.device).index_add_(0, idx, x)
         counts = torch.bincount(idx, minlength=k).double()
         inertia = d.double().sum()
@@ -195,22 +206,24 @@ def kmeans(x, C, iters=20, seed=0, tol=1e-4, chunk=None, verbose=True, dtype=Non
         C = split_empty(C, counts, gen)
         history.append(float(inertia))
         if verbose:
-            print(f"  iter {it + 1:3d}/{iters}: inertia {float(inertia):.6g}, empty clusters {int((counts == 0).sum())}")
+            print(f"  iter {it + 1:3d}/{iters}: inertia {float(inertia):.6g}, empty clusters "
+                  f"{int((counts == 0).sum())}")
         if prev - float(inertia) < tol * float(inertia):
             break
         prev = float(inertia)
     idx, d = nearest_centroid(x, C, chunk)  # inertia and cluster sizes of the centroids we return
     counts = all_reduce(torch.bincount(idx, minlength=k).double())
     inertia = float(all_reduce(d.double().sum()))
-    return C, dict(inertia=inertia, iters=len(history), history=history, counts=counts.cpu(), n_points=n_total)
+    return C, dict(inertia=inertia, iters=len(history), history=history, counts=counts.cpu(),
+                   n_points=n_total)
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
 def encode(model, dataset, indices, layer, args, device, rank, desc, cls=False):
-    """Yield (features [b, h*w, D] float32, or [b, V, h*w, D] for a dataset of AllViews; with cls=True also the
-    images' global descriptors [b, 2D] (mean-pooled features | final CLS: the feature cache of probe.py and
-    eval.py, for two more encoder blocks than the tokens need), labels, dataset indices, unreadable names)
+    """Yield (features [b, h*w, D] float32, or [b, V, h*w, D] for a dataset of AllViews; with cls=True also
+    the images' global descriptors [b, 2D] (mean-pooled features | final CLS: the feature cache of probe.py
+    and eval.py, for two more encoder blocks than the tokens need), labels, dataset indices, unreadable names)
     for this rank's images."""
     loader = DataLoader(SkipBad(dataset, indices), batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=collate_skip, pin_memory=device.type == "cuda")
@@ -250,8 +263,8 @@ def fit_codebook(args, model, train, layer, device, rank, world):
     keep_all = n_img == len(train) and args.views == 1 and \
         n_img * hw * model.norm.weight.numel() * 4 <= KEEP_FEATURES_BYTES * world
     points, keys, batches = [], [], []
-    for batch in encode(model, train, images[rank::world].tolist(), layer, args=args, device=device, rank=rank,
-                        desc="encode (fit)", cls=keep_all):
+    for batch in encode(model, train, images[rank::world].tolist(), layer, args=args, device=device,
+                        rank=rank, desc="encode (fit)", cls=keep_all):
         feats, _, _, idx, _ = batch
         if keep_all:
             batches.append(batch)
@@ -262,7 +275,8 @@ def fit_codebook(args, model, train, layer, device, rank, world):
             points.append(f[keep.to(device)])
             keys.append(i)
     dim = model.norm.weight.numel()
-    x = torch.stack(points) if points else torch.zeros(0, per_image, dim, device=device)  # [n_local_images, per_image, D]
+    # [n_local_images, per_image, D]
+    x = torch.stack(points) if points else torch.zeros(0, per_image, dim, device=device)
     keys = torch.tensor(keys, dtype=torch.long, device=device)
     # Centre the points: distances are unchanged, but ||x||^2 - 2x.c + ||c||^2 loses far less precision.
     n = all_reduce(torch.tensor(float(x.shape[0] * per_image), device=device, dtype=torch.float64))
@@ -270,16 +284,19 @@ def fit_codebook(args, model, train, layer, device, rank, world):
         fail(f"no readable images in the train set of {args.data}")
     mean = (all_reduce(x.double().sum((0, 1))) / n).float()
     x -= mean
-    # k-means++ draws from the points of the first few images in dataset order: the same on any number of ranks
+    # k-means++ draws from the points of the first few images in dataset order: the same on any number of
+    # ranks
     n_init = math.ceil(min(int(n), args.init_points or 16 * args.k) / per_image)
     first = keys <= images[min(n_init, n_img) - 1].item()
     sample = gather_rows(x[first], keys[first])[0].flatten(0, 1)
     if rank == 0:
-        print(f"K-means: K={args.k} on {int(n)} patches ({per_image} from each of {int(n) // per_image} images), "
-              f"dim {x.shape[2]}, {args.init} init from {len(sample)} patches")
+        print(f"K-means: K={args.k} on {int(n)} patches ({per_image} from each of {int(n) // per_image} "
+              f"images), dim {x.shape[2]}, {args.init} init from {len(sample)} patches")
     C0 = init_centroids(sample, args.k, args.init, args.seed)
-    # the Lloyd iterations in bf16 where the start-up test found it faster; tokens are assigned in float32 (tokenize_split)
-    C, stats = kmeans(x.flatten(0, 1), C0, args.iters, args.seed, args.tol, verbose=rank == 0, dtype=args.dtype)
+    # the Lloyd iterations in the run's precision (bf16 on CPUs with bf16 units and on GPUs); tokens are
+    # assigned in float32 (tokenize_split)
+    C, stats = kmeans(x.flatten(0, 1), C0, args.iters, args.seed, args.tol, verbose=rank == 0,
+                      dtype=args.dtype)
     return C + mean, stats, batches if keep_all else None
 
 
@@ -306,14 +323,13 @@ def tokenize_split(batches, centroids, device):
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=device)
     used = int((all_reduce(counts) > 0).sum())
-    tokens, index = gather_rows(tokens, keys, dst=0)
+    tokens, index = gather_rows(tokens, keys, dst=0, host_dtype=token_dtype(len(centroids)))
     labels, _ = gather_rows(labels, keys, dst=0)
     descr = gather_rows(torch.cat(descr).to(device), keys, dst=0)[0] if descr else None
     bad_names = sorted(sum(gather_objects(bad_names), []))
     if tokens is None:
         return None, None, None, None, bad_names, used
-    dtype = token_dtype(len(centroids))
-    return tokens.cpu().to(dtype), labels.cpu(), index.cpu(), descr, bad_names, used
+    return tokens.cpu(), labels.cpu(), index.cpu(), descr, bad_names, used
 
 
 def token_dtype(k):
@@ -327,17 +343,20 @@ def check_args(args, depth):
     if args.image_size % 14:
         fail(f"--image-size {args.image_size} is not a multiple of the patch size 14")
     if not -depth <= args.layer < depth:
-        fail(f"--layer {args.layer} is out of range for {args.encoder} ({depth} blocks: -{depth}..{depth - 1})")
+        fail(f"--layer {args.layer} is out of range for {args.encoder} ({depth} blocks: "
+             f"-{depth}..{depth - 1})")
     if args.k < 1:
         fail("--k must be positive")
 
 
 def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
-    """What a token means: rows = random centroids, columns = train patches assigned to them (with some context)."""
+    """What a token means: rows = random centroids, columns = train patches assigned to them (with some
+    context)."""
     from torchvision.utils import make_grid, save_image
     tok = base_view(load_artifact(os.path.join(out, "tokens_train.pt"), "run tokenize_kmeans.py first"))
     ds = dataset_for_tokens(tok, transform=pixel_transform(tok["image_size"], transforms.ToTensor))
-    w, tokens, gen = tok["grid"][1], tok["tokens"].long(), seeded(seed)
+    w, tokens = tok["grid"][1], tok["tokens"].long()
+    gen = seeded(seed)
     counts = torch.bincount(tokens.flatten(), minlength=tok["vocab_size"])
     codes = torch.nonzero(counts >= n_patches).flatten()
     codes = codes[torch.randperm(len(codes), generator=gen)[:n_codes]].sort().values
@@ -348,10 +367,12 @@ def draw_gallery(out, n_codes=12, n_patches=10, seed=0):
             img = F.pad(ds[int(img_idx[j])][0], (14, 14, 14, 14))  # one patch of context on each side
             y, x = divmod(int(pos[j]), w)
             crop = img[:, y * 14: y * 14 + 42, x * 14: x * 14 + 42].clone()
-            crop[:, 13:29, 13] = crop[:, 13:29, 28] = crop[:, 13, 13:29] = crop[:, 28, 13:29] = torch.tensor([1.0, 0, 0])[:, None]
+            red = torch.tensor([1.0, 0, 0])[:, None]
+            crop[:, 13:29, 13] = crop[:, 13:29, 28] = crop[:, 13, 13:29] = crop[:, 28, 13:29] = red
             crops.append(crop)
     save_image(make_grid(crops, nrow=n_patches, padding=2, pad_value=1), os.path.join(out, "gallery.png"))
-    print(f"token gallery: {len(codes)} codes x {n_patches} patches (red box = the patch) -> {out}/gallery.png")
+    print(f"token gallery: {len(codes)} codes x {n_patches} patches (red box = the patch) -> "
+          f"{out}/gallery.png")
 
 
 def main(argv=None):
@@ -370,8 +391,8 @@ def main(argv=None):
         fail(f"--k {args.k} is larger than the number of patches in the train set ({len(train)} x {hw})")
     args.dtype = autocast_dtype(args.precision, device)
     precision = precision_name(args.dtype)
-    fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, crop=args.crop_size, k=args.k,
-                      data=args.data,
+    fit_config = dict(encoder=args.encoder, layer=layer, image_size=args.image_size, crop=args.crop_size,
+                      k=args.k, data=args.data,
                       iters=args.iters, init=args.init, seed=args.seed, fit_points=args.fit_points,
                       init_points=args.init_points, precision=precision)
     cb_path = os.path.join(args.out, "codebook.pt")
@@ -393,29 +414,30 @@ def main(argv=None):
         centroids, stats, train_batches = fit_codebook(args, model, train, layer, device, rank, world)
         if rank == 0:
             c = stats["counts"]
-            save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer, image_size=args.image_size,
-                             crop=args.crop_size,
+            save_atomic(dict(centroids=centroids.cpu(), encoder=args.encoder, layer=layer,
+                             image_size=args.image_size, crop=args.crop_size,
                              patch_size=14, iters=stats["iters"], init=args.init, seed=args.seed,
                              n_points=stats["n_points"], inertia=stats["inertia"], history=stats["history"],
                              cluster_sizes=c, fit_config=fit_config, precision=precision,
                              fingerprint=tensor_fingerprint(centroids),
                              lineage=tokenizer_lineage(args, layer, side, centroids)), cb_path)
-            print(f"codebook: inertia {stats['inertia']:.6g} ({stats['inertia'] / stats['n_points']:.4g} per patch), "
-                  f"cluster sizes min {int(c.min())} / median {int(c.median())} / max {int(c.max())}, "
-                  f"{stats['iters']} iterations, {time.time() - t0:.0f}s -> {cb_path}")
+            print(f"codebook: inertia {stats['inertia']:.6g} ({stats['inertia'] / stats['n_points']:.4g} per "
+                  f"patch), cluster sizes min {int(c.min())} / median {int(c.median())} / max "
+                  f"{int(c.max())}, {stats['iters']} iterations, {time.time() - t0:.0f}s -> {cb_path}")
 
     # 2) every image of both splits through encoder + nearest centroid; with --views, the train images
     #    give all their views from one decode (data.AllViews): tokens [N, V, h*w]
     data_name = "mnist" if args.data == "mnist" else "imagefolder"
     data_root = None if args.data == "mnist" else os.path.abspath(args.data)
     for split, ds in (("train", train), ("val", val)):
-        if split == "train" and args.views > 1:
-            ds = make_dataset(args.data, "train", args.image_size, args.cache,
-                              transform=AllViews(args.image_size, args.views, args.view_flips, args.crop_size))
-        desc = f"tokenize {split}" + (f" ({args.views} views)" if ds is not train and split == "train" else "")
+        viewed = split == "train" and args.views > 1
+        if viewed:
+            all_views = AllViews(args.image_size, args.views, args.view_flips, args.crop_size)
+            ds = make_dataset(args.data, "train", args.image_size, args.cache, transform=all_views)
+        desc = f"tokenize {split}" + (f" ({args.views} views)" if viewed else "")
         batches = train_batches if split == "train" and train_batches is not None else \
             encode(model, ds, list(range(rank, len(ds), world)), layer, args=args, device=device, rank=rank,
-                   desc=desc, cls=ds is train or ds is val)
+                   desc=desc, cls=not viewed)
         tokens, labels, index, descr, bad, used = tokenize_split(batches, centroids, device)
         if rank != 0:
             continue
@@ -423,7 +445,7 @@ def main(argv=None):
             print(f"skipped {len(bad)} unreadable image(s) in {split}: " + ", ".join(bad[:10])
                   + (" ..." if len(bad) > 10 else ""))
         path = os.path.join(args.out, f"tokens_{split}.pt")
-        views = dict(views=args.views, view_flips=args.view_flips) if split == "train" and args.views > 1 else {}
+        views = dict(views=args.views, view_flips=args.view_flips) if viewed else {}
         tok = dict(tokens=tokens, grid=(side, side), vocab_size=args.k, labels=labels, **views,
                    classes=list(ds.classes), skipped=bad, precision=precision,
                    data=dict(name=data_name, root=data_root, split=split, index=index),
@@ -432,8 +454,10 @@ def main(argv=None):
                    lineage=dict(tokenizer_lineage(args, layer, side, centroids), tokenizer="digit"))
         save_atomic(tok, path)
         print(f"{split}: {len(tokens)} images x {side}x{side} tokens, {used}/{args.k} codes used -> {path}")
-        if descr is not None:  # the images' DINOv2 descriptors, encoded anyway: probe.py and eval.py read them
-            save_atomic(dict(features=descr.cpu(), key=feature_key(args.encoder, args.image_size, layer, args.dtype)),
+        # the images' DINOv2 descriptors, encoded anyway: probe.py and eval.py read them
+        if descr is not None:
+            key = feature_key(args.encoder, args.image_size, layer, args.dtype)
+            save_atomic(dict(features=descr.cpu(), key=key),
                         feature_cache(tok, args.encoder, args.image_size, layer, args.dtype, args.out))
     finish_distributed()
 
@@ -458,7 +482,7 @@ def reusable_codebook(path, fit_config, refit):
     diff = {k: (was.get(k), v) for k, v in fit_config.items() if was.get(k) != v}
     if diff:
         fail(f"{path} was fitted with other settings (then vs now: {diff}); --refit replaces it, and every "
-             f"model trained on its tokens must then be trained again")
+             "model trained on its tokens must then be trained again")
     return old
 
 

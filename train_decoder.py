@@ -1,127 +1,120 @@
 """
 Stage 2 of DiGIT: render DiGIT tokens as pixels (paper Sec. 3.3).
 
-DiGIT tokens say *what* is in each patch, not its exact pixels, so a second model paints them. Three
-decoders, one training loop (the STAGES table at the end says what differs):
-  --stage maskgit  a bidirectional transformer predicts an image's VQ codes from its DiGIT tokens,
-                   MaskGIT-style (Chang et al. 2022), decoded in 8 parallel steps; the VQ decoder renders
-                   them. The paper's "DiGIT (+MaskGIT)". Writes decoder.pt, decoder_val.png.
-  --stage ar       a causal transformer over [DiGIT tokens | BOS, VQ codes] predicts the VQ codes one by
-                   one (the official fairseq_user/image_generation_stage2/model.py, "DiGIT (+VQGAN)":
-                   pre-LN, two learned position tables, top-p 0.8 sampling). Writes decoder_ar.pt.
-  --stage direct   pixels straight from DiGIT tokens, no VQ and no MaskGIT (the paper's future work,
-                   RAE-style): each id -> its frozen K-means centroid (+ a learned residual), noise on those
-                   embeddings while training, a bidirectional transformer, a head that paints each patch.
-                   Writes direct.pt, direct_val.png.
-The VQ of maskgit and ar is OUT/vq.pt (train_vq.py), or with --vq FILE a pretrained one: MAGE's VQGAN,
-as the paper (vqgan_jax_strongaug.ckpt), or LlamaGen's VQ-16. With OUT/vq.pt and its vq_tokens_*.pt the
-VQ codes of the train images are read from there instead of encoding every image at every step.
+DiGIT tokens say *what* is in each patch, not its exact pixels, so a second model paints them: it
+predicts the codes of a pixel VQ from the DiGIT tokens, and the VQ's decoder renders them. Two decoders,
+one training loop (the STAGES table at the end says what differs):
+  --stage maskgit  a bidirectional transformer over [DiGIT tokens | VQ codes, some masked], MaskGIT-style
+                   (Chang et al. 2022), decoded in 8 parallel steps: the paper's "DiGIT (+MaskGIT)".
+                   Writes decoder.pt and decoder_val.png (rows: original | VQ reconstruction | rendered).
+  --stage ar       a causal transformer over [DiGIT tokens | BOS, VQ codes], one code at a time: the paper's
+                   "DiGIT (+VQGAN)" (fairseq_user/image_generation_stage2/model.py: pre-LN, two learned
+                   position tables; sampled with top-p 0.8). Writes decoder_ar.pt, decoder_ar_val.png.
+The VQ is OUT/vq.pt (train_vq.py), or --vq FILE: a pretrained one, MAGE's VQGAN as the paper
+(vqgan_jax_strongaug.ckpt), or LlamaGen's VQ-16. With OUT/vq.pt and its vq_tokens_*.pt the codes of the
+train images are read from there, not encoded again at every step. With token views (tokenize_kmeans.py
+--views) each step draws a view per image: its DiGIT tokens and the VQ's codes of the same crop.
+The one-pass alternative, no VQ at all, is train_direct.py.
 
 Run (after tokenize_kmeans.py, and train_vq.py or a pretrained --vq):
     python train_decoder.py --stage maskgit
     python train_decoder.py --stage ar
-    python train_decoder.py --stage direct                    # needs no VQ
-    python train_decoder.py --stage maskgit --vq vqgan_jax_strongaug.ckpt --model base   # the paper's
-    torchrun --nproc_per_node 8 train_decoder.py --stage ar --vq vqgan_jax_strongaug.ckpt --model base ...
-
-The official stage-2 settings (config/stage2/dino_base*.yaml) as flags, see runs/official.sh:
-    --model base --dropout 0.1 --label-smoothing 0.1 --beta2 0.98 --weight-decay 0.01 --lr 5e-4
-    --schedule inverse-sqrt --warmup-steps 6250 --warmup-init-lr 1e-7 --batch-size 1024 (MaskGIT: 125k
-    steps; AR: --batch-size 512, 250k steps; fairseq's batch sizes are per GPU, ours global).
-Direct decoder: --feature-noise S draws a noise std ~ U(0, S) x the centroids' std per image (RAE's
-augmentation, so it copes with a GPT's imperfect tokens); --token-corruption replaces that fraction of
-the ids by random ones; --direct-input features trains it on the continuous DINOv2 features the ids
-were quantised from (the upper bound: what K-means costs in pixels; demo scale: every image's features
-are held in memory) and writes direct_features.pt. --disc-weight adds train_vq.py's PatchGAN.
+    torchrun --nproc_per_node 8 train_decoder.py --stage maskgit --vq vqgan_jax_strongaug.ckpt --model base
+The official settings of both (--layout fairseq for MaskGIT, dropout, label smoothing, Adam betas, the
+inverse-sqrt schedule, the batches) are in runs/imagenet.sh; docs/PAPER_SCALE.md lists them beside ours.
 """
 import math
 import os
 import sys
 from collections import namedtuple
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from artifacts import Checkpoint, check_lineage, lineage, load_model, prepare_out
-from common import (StepSampler, add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed,
-                    fraction, init_distributed, learning_rate, nonneg_float, nonneg_int, parser, positive_float,
-                    positive_int, precision_name, seeded, stop_if_not_finite)
-from data import ImagesWithTokens, dataset_for_tokens, load_codebook, load_token_files, load_tokens, to_unit, token_path
-from dinov2 import DinoPerceptual, load_encoder
-from train_gpt import (Block, KVCache, add_compile_arg, add_size_args, ckpt_interval, make_optimizer, maybe_compile,
-                       model_size, sample_token)
-from train_vq import (adversarial_term, default_pixel_size, disc_step, eval_subset, patch_discriminator, psnr,
-                      vq_levels)
+from artifacts import Checkpoint, lineage, load_model, prepare_out
+from common import (StepSampler, add_system_args, all_reduce, autocast, autocast_dtype, fail,
+                    finish_distributed, fraction, init_distributed, learning_rate, nonneg_float, nonneg_int,
+                    parser, positive_float, positive_int, precision_name, seeded, stop_if_not_finite)
+from data import CodesWithTokens, ImagesWithTokens, load_token_files, stored_codes, to_unit
+from train_gpt import (Block, KVCache, add_compile_arg, add_size_args, ckpt_interval, make_optimizer,
+                       maybe_compile, model_size, sample_token)
+from train_vq import disc_step, eval_subset, psnr
 from vqgan import load_vq, vq_decode, vq_encode
 
 
-def get_args(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--stage", required=True, choices=["maskgit", "ar", "direct", "vq"],
-                   help="which decoder to train (vq: see train_vq.py)")
+def decoder_parser(doc):
+    """The flags every stage-2 trainer has (this script's and train_direct.py's): size, optimisation,
+    evaluation and checkpoints, system. Returns (parser, its "model" group)."""
+    p = parser(doc)
     a = p.add_argument_group("model").add_argument
     add_size_args(a, "transformer size preset")
-    a("--vq", default=None, help="maskgit/ar: the VQ whose codes it learns (default: OUT/vq.pt)")
     a("--pixel-size", type=positive_int, default=None, help="image side (default: grid x the VQ's factor)")
-    a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
-    a("--layout", default="ours", choices=["ours", "fairseq"], help="maskgit: fairseq = the official model's")
-    a("--decode-steps", type=positive_int, default=8, help="maskgit: decoding steps T (default: %(default)s)")
-    a("--top-p", type=fraction, default=0.8, help="ar: nucleus mass when rendering (default: %(default)s)")
-    a("--feature-noise", type=nonneg_float, default=0.8, help="direct: noise scale (default: %(default)s)")
-    a("--token-corruption", type=fraction, default=0.0, help="direct: ids replaced (default: %(default)s)")
-    a("--pixel-loss", default="l1", choices=["l1", "mse"], help="direct: pixel loss (default: %(default)s)")
-    a("--direct-input", default="tokens", choices=["tokens", "features"], help="direct (default: %(default)s)")
-    a("--perceptual", type=nonneg_float, default=0.1, help="direct: DINOv2 loss weight (default: %(default)s)")
-    a("--perceptual-layer", type=positive_int, default=3, help="its DINOv2 block (default: %(default)s)")
-    a("--disc-weight", type=nonneg_float, default=0.0, help="direct: PatchGAN weight (default: %(default)s)")
-    a("--disc-start", type=nonneg_int, default=0, help="step the GAN starts at (default: %(default)s)")
-    a("--disc-layers", type=positive_int, default=3, help="strided convs of the PatchGAN (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=positive_int, default=32, help="global batch (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=positive_float, default=5e-4, help="peak learning rate (default: %(default)s)")
     a("--min-lr", type=nonneg_float, default=None, help="end of the cosine decay (default: lr / 10)")
     a("--warmup-steps", type=nonneg_int, default=50, help="linear warm-up steps (default: %(default)s)")
-    a("--warmup-init-lr", type=nonneg_float, default=0.0, help="lr the warm-up starts at (default: %(default)s)")
+    a("--warmup-init-lr", type=nonneg_float, default=0.0,
+      help="lr the warm-up starts at (default: %(default)s)")
     a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt", "constant"],
       help="after warm-up (default: %(default)s)")
     a("--beta2", type=fraction, default=0.95, help="AdamW beta2 (default: %(default)s)")
-    a("--weight-decay", type=nonneg_float, default=0.05, help="AdamW decay, all weights (default: %(default)s)")
-    a("--label-smoothing", type=fraction, default=0.0, help="maskgit/ar smoothing (default: %(default)s)")
+    a("--weight-decay", type=nonneg_float, default=0.05,
+      help="AdamW decay, all weights (default: %(default)s)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--eval-interval", type=positive_int, default=500, help="steps between evaluations (default: %(default)s)")
-    a("--eval-images", type=positive_int, default=256, help="val images per evaluation (default: %(default)s)")
-    a("--ckpt-interval", type=positive_int, default=None, help="steps between checkpoints (default: by preset)")
+    a("--eval-interval", type=positive_int, default=500,
+      help="steps between evaluations (default: %(default)s)")
+    a("--eval-images", type=positive_int, default=256,
+      help="val images per evaluation (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=None,
+      help="steps between checkpoints (default: by preset)")
     a("--resume", action="store_true", help="continue this stage from its checkpoint")
     a("--force", action="store_true", help="start afresh over this stage's checkpoint")
     system = add_system_args(p, "reads tokens_*.pt (and vq.pt) from, writes the checkpoint to")
     add_compile_arg(system)
-    system.add_argument("--workers", type=nonneg_int, default=2, help="loader processes (default: %(default)s)")
-    system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="keep images in memory below this")
-    args, rest = p.parse_known_args(argv)
-    if args.stage == "vq":  # the pixel VQ has its own script now (train_vq.py); its flags are its own
-        raise SystemExit(redirect_to_train_vq(sys.argv[1:] if argv is None else list(argv)))
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    system.add_argument("--workers", type=nonneg_int, default=2,
+                        help="loader processes (default: %(default)s)")
+    system.add_argument("--preload-gb", type=nonneg_float, default=4.0,
+                        help="keep images in memory below this")
+    return p, p._action_groups[2]
+
+
+def finish_args(args):
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.ckpt_interval = args.ckpt_interval or ckpt_interval(args.model)
     args.decay_on = "all"
     return args
 
 
-def redirect_to_train_vq(argv):
-    """--stage vq of older commands: train_vq.py with the same flags."""
-    import train_vq
-    print("note: train_decoder.py --stage vq is train_vq.py now; running it")
-    i = argv.index("--stage") if "--stage" in argv else None
-    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if a != "--stage=vq"]
-    train_vq.main(rest)
-    return 0
+def get_args(argv=None):
+    p, model = decoder_parser(__doc__)
+    p.add_argument("--stage", required=True, choices=["maskgit", "ar"], help="which decoder to train")
+    a = model.add_argument
+    a("--vq", default=None, help="the VQ whose codes it learns (default: OUT/vq.pt)")
+    a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
+    a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy smoothing (default: %(default)s)")
+    a("--layout", default="ours", choices=["ours", "fairseq"], help="maskgit: fairseq = the official model's")
+    a("--decode-steps", type=positive_int, default=8, help="maskgit: decoding steps T (default: %(default)s)")
+    a("--top-p", type=fraction, default=0.8, help="ar: nucleus mass when rendering (default: %(default)s)")
+    return finish_args(p.parse_args(argv))
+
+
+def moved_stage(argv):
+    """train_decoder.py --stage vq / direct of older commands: the script that trains it now, same flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for stage, script in (("vq", "train_vq"), ("direct", "train_direct")):
+        for i, a in enumerate(argv):
+            if (a == "--stage" and argv[i + 1: i + 2] == [stage]) or a == f"--stage={stage}":
+                print(f"note: train_decoder.py --stage {stage} is {script}.py now; running it")
+                return __import__(script), argv[:i] + argv[i + (1 if "=" in a else 2):]
+    return None, argv
 
 
 # ----------------------------------------------------------------------------- MaskGIT (--stage maskgit)
@@ -136,18 +129,21 @@ class MaskGIT(nn.Module):
 
     def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0, layout="ours"):
         super().__init__()
-        self.length, self.mask_id, self.sep = length, vq_codes, layout == "fairseq"
+        self.length, self.mask_id = length, vq_codes
+        self.sep = layout == "fairseq"
         self.scale = math.sqrt(n_embd) if self.sep else 1.0
         self.digit_emb = nn.Embedding(digit_vocab, n_embd)
         self.vq_emb = nn.Embedding(vq_codes + 1 + self.sep, n_embd)  # + [MASK] (+ the separator)
         self.pos_emb = nn.Embedding(2 * length + self.sep, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, "pre", causal=False) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, "pre", causal=False)
+                                    for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vq_codes, bias=not self.sep)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, n_embd ** -0.5 if self.sep and isinstance(m, nn.Embedding) else 0.02)
+                scaled = self.sep and isinstance(m, nn.Embedding)  # fairseq: scaled embeddings, unit std
+                nn.init.normal_(m.weight, 0.0, n_embd ** -0.5 if scaled else 0.02)
 
     def forward(self, digit, vq):
         parts = [self.digit_emb(digit), self.vq_emb(vq)]
@@ -189,7 +185,8 @@ def decode(model, digit, steps=8, temperature=1.0, noise=4.5, vq=None, gen=None)
         sampled = torch.multinomial(logp.exp().flatten(0, 1), 1, generator=gen).view(B, L)
         sampled = torch.where(unknown, sampled, vq)
         u = torch.rand(B, L, generator=gen, device=dev).clamp(1e-20, 1 - 1e-7)
-        conf = logp.gather(-1, sampled[..., None]).squeeze(-1) + noise * (1 - (t + 1) / steps) * -torch.log(-u.log())
+        gumbel = -torch.log(-u.log())
+        conf = logp.gather(-1, sampled[..., None]).squeeze(-1) + noise * (1 - (t + 1) / steps) * gumbel
         conf = torch.where(unknown, conf, torch.full_like(conf, float("inf")))
         # how many stay masked after this step: the schedule, but always at least one fewer than now
         n_next = int(math.floor(math.cos(math.pi / 2 * (t + 1) / steps) * L)) if t < steps - 1 else 0
@@ -212,14 +209,15 @@ def maskgit_loss(model, raw, batch, parts, args, step):
 # ----------------------------------------------------------------------------- autoregressive (--stage ar)
 
 class ARDecoder(nn.Module):
-    """Causal transformer over [d_0 .. d_{L-1} | BOS, v_0 .. v_{L-2}] -> logits of v_0 .. v_{L-1}: the VQ codes
-    one by one, each seeing every DiGIT token and the codes before it (the official stage-2 AR model:
-    pre-LN with a final norm, embeddings x sqrt(width), one learned position table for the DiGIT prefix
-    and one for the VQ part, untied output projection)."""
+    """Causal transformer over [d_0 .. d_{L-1} | BOS, v_0 .. v_{L-2}] -> logits of v_0 .. v_{L-1}: the VQ
+    codes one by one, each seeing every DiGIT token and the codes before it (the official stage-2 AR model:
+    pre-LN with a final norm, embeddings x sqrt(width), one learned position table for the DiGIT prefix and
+    one for the VQ part, untied output projection)."""
 
     def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0):
         super().__init__()
-        self.length, self.bos, self.scale = length, vq_codes, math.sqrt(n_embd)
+        self.length, self.bos = length, vq_codes
+        self.scale = math.sqrt(n_embd)
         self.digit_emb = nn.Embedding(digit_vocab, n_embd)
         self.vq_emb = nn.Embedding(vq_codes + 1, n_embd)  # + BOS (fairseq's </s> between the two parts)
         self.digit_pos, self.vq_pos = nn.Embedding(length, n_embd), nn.Embedding(length, n_embd)
@@ -296,22 +294,8 @@ def global_mean_ce(logits, target, batch, label_smoothing, total):
     batch (total: the global batch's count): DDP then averages the ranks' gradients into the mean over the
     whole global batch, so any number of ranks trains the same model."""
     per_rank = total * len(batch.digit) / batch.size
-    return F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=label_smoothing) / per_rank
-
-
-class CodesWithTokens(Dataset):
-    """Item i: (VQ codes [h*w], DiGIT tokens [h*w], label) of row i of vq_tokens_train.pt / tokens_train.pt:
-    stage-2 training with no image decoding and no VQ encoder (when there is no augmentation)."""
-
-    def __init__(self, vq_tok, tok):
-        self.codes, self.tokens, self.labels = vq_tok["tokens"], tok["tokens"], tok.get("labels")
-        self.cached = True
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        return self.codes[i].long(), self.tokens[i].long(), int(self.labels[i]) if self.labels is not None else -1
+    return F.cross_entropy(logits.float(), target, reduction="sum",
+                           label_smoothing=label_smoothing) / per_rank
 
 
 def token_decoder(cls):
@@ -319,30 +303,20 @@ def token_decoder(cls):
     of tokens. The VQ is OUT/vq.pt, or --vq: a pretrained one (MAGE's VQGAN, as the paper's)."""
     def build(args, train_tok, device):
         path = args.vq or os.path.join(args.out, "vq.pt")
-        vq, vq_ck = load_vq(path, device, grid=tuple(train_tok["grid"]), pixel_size=args.pixel_size if args.vq else None)
+        vq, vq_ck = load_vq(path, device, grid=tuple(train_tok["grid"]),
+                            pixel_size=args.pixel_size if args.vq else None)
         h, w = train_tok["grid"]
-        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"], length=h * w,
-                          dropout=args.dropout, **model_size(args))
+        model_args = dict(digit_vocab=train_tok["vocab_size"], vq_codes=vq_ck["model_args"]["codes"],
+                          length=h * w, dropout=args.dropout, **model_size(args))
         if cls is MaskGIT and args.layout != "ours":
             model_args["layout"] = args.layout
         record = dict(vq_path=os.path.abspath(path) if args.vq else None, pixel_size=vq_ck["pixel_size"])
         if args.vq:  # a VQ outside OUT: also where it is relative to OUT, so a moved folder still finds it
             record["vq_relpath"] = os.path.relpath(os.path.abspath(path), os.path.abspath(args.out))
         # the tokens' lineage wins (vq.pt records the tokens it was trained beside); the VQ adds its own id
-        return cls(**model_args).to(device), model_args, dict(vq=vq, vq_ck=vq_ck, record=record,
-                                                              lineage=dict(lineage(vq_ck), **lineage(train_tok)))
+        parts = dict(vq=vq, vq_ck=vq_ck, record=record, lineage=dict(lineage(vq_ck), **lineage(train_tok)))
+        return cls(**model_args).to(device), model_args, parts
     return build
-
-
-def precomputed_codes(args, parts, train_tok):
-    """vq_tokens_train.pt when it holds this VQ's codes of these rows (our VQ, no augmentation), else None."""
-    path = token_path(args.out, "train", "vq")
-    if args.vq or not os.path.exists(path) or train_tok["tokens"].ndim == 3:  # views: crops the codes are not of
-        return None
-    vq_tok = load_tokens(args.out, "train", "vq")
-    same = lineage(vq_tok).get("vq") == lineage(parts["vq_ck"]).get("vq") and len(vq_tok["tokens"]) == len(
-        train_tok["tokens"])
-    return CodesWithTokens(vq_tok, train_tok) if same else None
 
 
 @torch.no_grad()
@@ -359,7 +333,7 @@ def evaluate_rendering(model, val, parts, args, device, dtype, png, predict):
         for x, digit, _ in DataLoader(subset, batch_size=64, generator=torch.Generator()):
             x, digit = to_unit(x.to(device)), digit.to(device)
             target = vq_encode(vq, x)
-            pred = predict(model, digit, gen)
+            pred = predict(model, digit, gen, args, dtype)
             rendered = vq_decode(vq, pred, grid).float()
             acc.append((pred == target).float().mean(1))
             psnrs.append(psnr(rendered, x))
@@ -369,7 +343,8 @@ def evaluate_rendering(model, val, parts, args, device, dtype, png, predict):
     model.train()
     save_rows(rows, png)
     m = dict(vq_token_acc=float(torch.cat(acc).mean()), psnr=float(torch.cat(psnrs).mean()))
-    return m, f"val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR from DiGIT tokens {m['psnr']:.2f} dB -> {png}"
+    return m, (f"val VQ-token accuracy {m['vq_token_acc']:.3f}, PSNR from DiGIT tokens {m['psnr']:.2f} dB "
+               f"-> {png}")
 
 
 def save_rows(rows, png):
@@ -378,130 +353,12 @@ def save_rows(rows, png):
     save_image(make_grid(rows.flatten(0, 1), nrow=rows.shape[1], normalize=True, value_range=(-1, 1)), png)
 
 
-def evaluate_maskgit(model, val, parts, args, device, dtype, png):
-    return evaluate_rendering(model, val, parts, args, device, dtype, png,
-                              lambda m, digit, gen: decode(m, digit, args.decode_steps, gen=gen))
+def render_maskgit(model, digit, gen, args, dtype):
+    return decode(model, digit, args.decode_steps, gen=gen)
 
 
-def evaluate_ar(model, val, parts, args, device, dtype, png):
-    return evaluate_rendering(model, val, parts, args, device, dtype, png,
-                              lambda m, digit, gen: ar_decode(m, digit, top_p=args.top_p, gen=gen, dtype=dtype))
-
-
-# ----------------------------------------------------------------------------- the direct decoder (--stage direct)
-
-class DirectDecoder(nn.Module):
-    """DiGIT token ids [B, h*w] -> pixels [B, 3, h*p, w*p] in one forward pass.
-
-    The ids become their K-means centroids (a frozen buffer copied from codebook.pt: the tokens keep the
-    meaning the tokenizer gave them) plus a learned residual embedding (zero at start); a linear map to the
-    width, learned positions, bidirectional Blocks (train_gpt.Block, causal=False: every token sees the
-    whole grid), and a linear head that paints each token's p x p x 3 patch (as RAE's ViT decoder)."""
-
-    def __init__(self, vocab, dim, grid, patch, n_layer, n_embd, n_head):
-        super().__init__()
-        self.grid, self.patch = tuple(grid), patch
-        self.register_buffer("centroids", torch.zeros(vocab, dim))
-        self.residual = nn.Embedding(vocab, dim)
-        nn.init.zeros_(self.residual.weight)
-        self.proj = nn.Linear(dim, n_embd)
-        self.pos = nn.Parameter(torch.randn(1, grid[0] * grid[1], n_embd) * 0.02)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, 0.0, "pre", causal=False) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, patch * patch * 3)
-
-    def embed(self, ids):
-        return self.centroids[ids] + self.residual(ids)
-
-    def forward(self, ids=None, emb=None):
-        """Pixels in [-1, 1] (unclamped while training) from ids, or from given embeddings emb [B, h*w, D]
-        (the ids' embeddings plus training noise, or continuous DINOv2 features for the upper bound)."""
-        x = self.proj(self.embed(ids) if emb is None else emb) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        (h, w), p = self.grid, self.patch
-        x = self.head(self.ln_f(x)).view(len(x), h, w, 3, p, p)
-        return x.permute(0, 3, 1, 4, 2, 5).reshape(len(x), 3, h * p, w * p)
-
-
-def direct_render(model, ids):
-    """What sample.py calls: DiGIT ids [B, h*w] -> images in [-1, 1] (or continuous features [B, h*w, D])."""
-    return (model(emb=ids) if ids.is_floating_point() else model(ids)).clamp(-1, 1)
-
-
-@torch.no_grad()
-def patch_features(tok, device, dtype, batch_size=64):
-    """[N, h*w, D] DINOv2 patch features of the images behind a token file: what tokenize_kmeans.py quantised
-    (same encoder, block, image size, final norm), for the direct decoder's continuous upper bound."""
-    model = load_encoder(tok["encoder"]).to(device)
-    feats = []
-    loader = DataLoader(dataset_for_tokens(tok), batch_size=batch_size)
-    for x, _ in tqdm(loader, desc="DINOv2 patch features", leave=False):
-        with autocast(device, dtype):
-            feats.append(model.get_intermediate_layers(x.to(device), [tok["layer"]])[0].float().cpu())
-    return torch.cat(feats)
-
-
-def build_direct(args, train_tok, device):
-    """The codebook's centroids as frozen input embeddings, a fresh transformer, the optional perceptual loss
-    and PatchGAN."""
-    cb = load_codebook(args.out, train_tok, "train")
-    grid = tuple(train_tok["grid"])
-    pixel_size = args.pixel_size or default_pixel_size(grid)
-    vq_levels(pixel_size, grid)  # the same rule as the VQ: a power-of-two multiple of the grid
-    model_args = dict(vocab=len(cb["centroids"]), dim=cb["centroids"].shape[1], grid=grid, patch=pixel_size // grid[0],
-                      **model_size(args))
-    model = DirectDecoder(**model_args)
-    model.centroids.copy_(cb["centroids"])
-    if args.direct_input == "features":  # the ids' embeddings are never used: no parameter without a gradient
-        model.residual.requires_grad_(False)
-    perceptual = DinoPerceptual(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual else None
-    disc = patch_discriminator(args.disc_layers).to(device) if args.disc_weight > 0 else None
-    return model.to(device), model_args, dict(perceptual=perceptual, disc=disc, scale=float(cb["centroids"].std()),
-                                              record=dict(pixel_size=pixel_size), lineage=lineage(train_tok))
-
-
-def direct_loss(model, raw, batch, parts, args, step):
-    """Pixel loss (+ perceptual, + adversarial) of the picture painted from the DiGIT tokens, with the training
-    augmentations drawn for the whole global batch on the device (this rank uses its rows): Gaussian noise
-    of std ~ U(0, --feature-noise) x the centroids' std on the embeddings, and --token-corruption of the ids
-    replaced by random ids. Returns the loss and the picture (for the discriminator's step)."""
-    x, digit, gen, mine = batch.x, batch.digit, batch.gen, batch.mine
-    B, L, (K, D) = batch.size, digit.shape[1], raw.centroids.shape
-    sigma = torch.rand(B, 1, 1, generator=gen, device=gen.device) * args.feature_noise * parts["scale"]
-    noise = (torch.randn(B, L, D, generator=gen, device=gen.device) * sigma)[mine]
-    if digit.is_floating_point():  # continuous features (--direct-input features): noise, no id corruption
-        emb = digit
-    else:
-        corrupt = (torch.rand(B, L, generator=gen, device=gen.device) < args.token_corruption)[mine]
-        random_ids = torch.randint(K, (B, L), generator=gen, device=gen.device)[mine]
-        emb = raw.embed(torch.where(corrupt, random_ids, digit))
-    rec = model(emb=emb + noise).float()
-    loss = F.l1_loss(rec, x) if args.pixel_loss == "l1" else F.mse_loss(rec, x)
-    if parts["perceptual"] is not None:
-        loss = loss + args.perceptual * parts["perceptual"](rec, x)
-    return loss + adversarial_term(loss, rec, raw.head.weight, args, parts["disc"], step), rec
-
-
-@torch.no_grad()
-def evaluate_direct(model, val, parts, args, device, dtype, png):
-    """PSNR of the pictures painted from the real DiGIT tokens of val images (noise off: eval mode)."""
-    model.eval()
-    psnrs, rows, seen = [], [], 0
-    subset = eval_subset(val, args.eval_images)
-    show = set(torch.linspace(0, len(subset) - 1, 8).long().tolist())
-    with autocast(device, dtype):
-        for x, digit, _ in DataLoader(subset, batch_size=64, generator=torch.Generator()):
-            x = to_unit(x.to(device))
-            rendered = direct_render(model, digit.to(device)).float()
-            psnrs.append(psnr(rendered, x))
-            pick = [i for i in range(len(x)) if seen + i in show]
-            rows.append(torch.stack([x[pick], rendered[pick]]))  # original | painted from its DiGIT tokens
-            seen += len(x)
-    model.train()
-    save_rows(rows, png)
-    m = dict(psnr=float(torch.cat(psnrs).mean()))
-    return m, f"val PSNR painted from DiGIT tokens {m['psnr']:.2f} dB -> {png}"
+def render_ar(model, digit, gen, args, dtype):
+    return ar_decode(model, digit, top_p=args.top_p, gen=gen, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- loading for sample.py
@@ -512,59 +369,45 @@ def load_decoder(path, device, kind="maskgit"):
     return load_model(path, cls, f"run train_decoder.py --stage {kind} first", device)
 
 
-def load_direct(path, device):
-    return load_model(path, DirectDecoder, "run train_decoder.py --stage direct first", device)
-
-
-def decoder_vq(dec_ck, dec_path, device, vq_path=None):
-    """The VQ a MaskGIT/AR checkpoint learned: --vq given to sample.py, else the file it recorded (as recorded,
-    then relative to the checkpoint's folder: a moved out/ still finds it), else OUT/vq.pt; checked to be the
-    same VQ (fingerprint) whatever the path."""
-    folder = os.path.dirname(os.path.abspath(dec_path))
-    candidates = [vq_path] if vq_path else [dec_ck.get("vq_path"), dec_ck.get("vq_relpath") and os.path.join(
-        folder, dec_ck["vq_relpath"]), os.path.join(folder, "vq.pt")]
-    path = next((p for p in candidates if p and os.path.exists(p)), None)
-    if path is None:
-        recorded = dec_ck.get("vq_path") or os.path.join(folder, "vq.pt")
-        fail(f"{dec_path} was trained on the VQ {recorded}, which is not there: give its new place with --vq")
-    vq, vq_ck = load_vq(path, device, grid=tuple(dec_ck["grid"]), pixel_size=dec_ck.get("pixel_size"))
-    check_lineage(dec_path, dec_ck, path, vq_ck)
-    return vq, vq_ck, path
-
-
 # ----------------------------------------------------------------------------- the training loop
 
-# What differs between the decoders; main() runs the same loop for all three.
+# What differs between the decoders; train() runs the same loop for each (train_direct.py's too).
+# build(args, train tok, device) -> model, model_args, parts (its lineage, what the checkpoint records, ...);
+# loss(model, raw, batch, parts, args, step) -> (loss, picture or None); evaluate(...) -> (metrics, a line).
 Stage = namedtuple("Stage", "build loss evaluate file")
 STAGES = {
-    "maskgit": Stage(token_decoder(MaskGIT), maskgit_loss, evaluate_maskgit, "decoder.pt"),
-    "ar": Stage(token_decoder(ARDecoder), ar_loss, evaluate_ar, "decoder_ar.pt"),
-    "direct": Stage(build_direct, direct_loss, evaluate_direct, "direct.pt"),
+    "maskgit": Stage(token_decoder(MaskGIT), maskgit_loss,
+                     partial(evaluate_rendering, predict=render_maskgit), "decoder.pt"),
+    "ar": Stage(token_decoder(ARDecoder), ar_loss,
+                partial(evaluate_rendering, predict=render_ar), "decoder_ar.pt"),
 }
 Batch = namedtuple("Batch", "x digit gen mine size")  # this rank's rows `mine` of a global batch of `size`
 
 
-def training_data(args, parts, train_tok, val_tok, device, dtype):
-    """(train, val) datasets: images (at the VQ's pixel size) with their DiGIT tokens (with token views: each view
-    the crop its tokens were made from); for training maskgit/ar, the stored VQ codes instead of images when
-    vq_tokens_train.pt holds them; for --direct-input features, the continuous DINOv2 features instead of the
-    ids (the plain view)."""
+def training_data(args, parts, train_tok, val_tok):
+    """(train, val) datasets: images at the VQ's pixel size with their DiGIT tokens (with token views: each
+    view the crop its tokens were made from); to train, the stored VQ codes instead of images when
+    vq_tokens_train.pt holds them. parts["prepare"], if any, adapts them (train_direct.py's features)."""
     pixel_size = parts["record"]["pixel_size"]
     val = ImagesWithTokens(val_tok, pixel_size).preload(args.workers, args.preload_gb, "val")
-    train = precomputed_codes(args, parts, train_tok) if "vq" in parts else None
+    train = stored_codes(args.out, parts["vq_ck"], train_tok) if "vq" in parts and not args.vq else None
     if train is None:
         train = ImagesWithTokens(train_tok, pixel_size).preload(args.workers, args.preload_gb, "train")
-    if args.stage == "direct" and args.direct_input == "features":  # the upper bound: items carry features
-        for ds, tok in ((train, train_tok), (val, val_tok)):
-            if tok["tokens"].ndim == 3:
-                fail("--direct-input features takes the plain images: tokenize without --views for it")
-            ds.tok = dict(tok, tokens=patch_features(tok, device, dtype))
+    if parts.get("prepare"):
+        parts["prepare"](train, val)
     return train, val
 
 
 def main(argv=None):
+    script, argv = moved_stage(argv)
+    if script is not None:
+        return script.main(argv)
     args = get_args(argv)
-    stage = STAGES[args.stage]
+    return train(args, STAGES[args.stage], args.stage)
+
+
+def train(args, stage, name):
+    """The loop every stage-2 decoder trains in."""
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     prepare_out(args.out)
     dtype = autocast_dtype(args.precision, device)
@@ -575,35 +418,40 @@ def main(argv=None):
     # -- the model this stage trains, its data, its optimizer; fresh or restored (--resume)
     train_tok, val_tok = load_token_files(args.out, views=True)  # views: a crop of each image per step
     model, model_args, parts = stage.build(args, train_tok, device)
-    name = stage.file if args.direct_input == "tokens" else "direct_features.pt"
-    ckpt = Checkpoint(os.path.join(args.out, name), args, model_args, parts["lineage"], precision_name(dtype),
-                      grid=tuple(train_tok["grid"]), digit_vocab=train_tok["vocab_size"], encoder=train_tok["encoder"],
-                      layer=train_tok["layer"], image_size=train_tok["image_size"], **parts["record"])
-    train, val = training_data(args, parts, train_tok, val_tok, device, dtype)
+    ckpt = Checkpoint(os.path.join(args.out, parts.get("file", stage.file)), args, model_args,
+                      parts["lineage"],
+                      precision_name(dtype), grid=tuple(train_tok["grid"]),
+                      digit_vocab=train_tok["vocab_size"],
+                      encoder=train_tok["encoder"], layer=train_tok["layer"],
+                      image_size=train_tok["image_size"], **parts["record"])
+    train_set, val = training_data(args, parts, train_tok, val_tok)
     optimizer = make_optimizer(model, args, device)
     disc = parts.get("disc")  # --disc-weight: the PatchGAN and its own optimizer (taming's Adam betas)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
     state = ckpt.start(device, model=model, optimizer=optimizer, disc=disc, disc_optimizer=disc_opt)
-    step, history, disc_history = state.get("step", 0), state.get("history", []), state.get("disc_history", [])
+    step = state.get("step", 0)
+    history, disc_history = state.get("history", []), state.get("disc_history", [])
     raw, ddp_disc = model, disc
     model = maybe_compile(model, args, device)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc else None
     if rank == 0:
-        print(f"stage {args.stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
-              f"{parts['record']['pixel_size']}px images, DiGIT grid {train_tok['grid'][0]}x{train_tok['grid'][1]}, "
-              f"{'stored VQ codes' if isinstance(train, CodesWithTokens) else 'images'} for training, "
+        print(f"stage {name}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
+              f"{parts['record']['pixel_size']}px images, DiGIT grid "
+              f"{train_tok['grid'][0]}x{train_tok['grid'][1]}, "
+              f"{'stored VQ codes' if isinstance(train_set, CodesWithTokens) else 'images'} for training, "
               f"{world} process(es) on {device} in {precision_name(dtype)}")
 
     # -- the training loop: global batches by step (StepSampler), each rank loads its slice
     share = args.batch_size // world
     sampler = StepSampler(len(train_tok["tokens"]), args.batch_size, args.seed, step, rank, world,
-                          getattr(train, "views", 1))
-    workers = 0 if train.cached is not None else args.workers
-    loader = DataLoader(train, batch_size=share, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())  # the global RNG: untouched
-    bar = tqdm(total=args.max_steps, initial=step, desc=f"train {args.stage}", unit="step", disable=rank != 0,
+                          getattr(train_set, "views", 1))
+    workers = 0 if train_set.cached is not None else args.workers
+    loader = DataLoader(train_set, batch_size=share, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # the global RNG: untouched
+    bar = tqdm(total=args.max_steps, initial=step, desc=f"train {name}", unit="step", disable=rank != 0,
                dynamic_ncols=True)
     metrics = state.get("metrics", {})
     png = ckpt.path.replace(".pt", "_val.png")
@@ -626,7 +474,8 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if disc is not None and step >= args.disc_start:
-            disc_history.append(float(all_reduce(disc_step(ddp_disc, disc_opt, x, rec, device, dtype))) / world)
+            d_loss = disc_step(ddp_disc, disc_opt, x, rec, device, dtype)
+            disc_history.append(float(all_reduce(d_loss)) / world)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]:.4f}")

@@ -8,7 +8,7 @@ make classifier-free guidance possible at sampling time.
 
 Run (reads out/tokens_{train,val}.pt, writes out/gpt.pt):
     python train_gpt.py                                   # demo: tiny GPT on MNIST tokens, CPU
-    python train_gpt.py --tokenizer vq                    # the same GPT on the pixel VQ's tokens -> out/gpt_vq.pt
+    python train_gpt.py --tokenizer vq                    # the GPT on the pixel VQ's tokens -> out/gpt_vq.pt
     torchrun --nproc_per_node 8 train_gpt.py --model base --batch-size 1024 --max-steps 125000
     python train_gpt.py --resume                          # continue from out/gpt.pt
 
@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from artifacts import Checkpoint, lineage, load_model, prepare_out
-from common import (add_system_args, autocast, autocast_dtype, batch_indices, fail, finish_distributed, fraction,
-                    init_distributed, learning_rate, matmul_flops, nonneg_float, nonneg_int, parser,
+from common import (add_system_args, autocast, autocast_dtype, batch_indices, fail, finish_distributed,
+                    fraction, init_distributed, learning_rate, matmul_flops, nonneg_float, nonneg_int, parser,
                     positive_float, positive_int, precision_name, seeded, stop_if_not_finite)
 from data import add_tokenizer_arg, load_token_files
 
@@ -53,29 +53,38 @@ def get_args(argv=None):
     a = p.add_argument_group("model").add_argument
     add_size_args(a, "size preset")
     a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
-    a("--norm", default="pre", choices=["pre", "post"], help="pre-LN, or post-LN as fairseq (default: %(default)s)")
+    a("--norm", default="pre", choices=["pre", "post"],
+      help="pre-LN, or post-LN as fairseq (default: %(default)s)")
     a("--emb-scale", action="store_true", help="embeddings x sqrt(width), as fairseq")
     a("--tie-embeddings", action="store_true", help="share input and output token embeddings")
     a("--unconditional", action="store_true", help="ignore labels: a BOS token instead of the class")
     a("--class-dropout", type=fraction, default=0.1, help="null-class rate, for CFG (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=positive_int, default=64, help="global batch, all ranks (default: %(default)s)")
-    a("--grad-accum", type=positive_int, default=1, help="micro-batches per step and rank (default: %(default)s)")
+    a("--grad-accum", type=positive_int, default=1,
+      help="micro-batches per step and rank (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=positive_float, default=1e-3, help="peak learning rate (default: %(default)s)")
     a("--min-lr", type=nonneg_float, default=1e-4, help="end of the cosine decay (default: %(default)s)")
     a("--warmup-steps", type=nonneg_int, default=100, help="linear warm-up steps (default: %(default)s)")
-    a("--warmup-init-lr", type=nonneg_float, default=0.0, help="lr the warm-up starts at (default: %(default)s)")
-    a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"], help="after warm-up (default: %(default)s)")
+    a("--warmup-init-lr", type=nonneg_float, default=0.0,
+      help="lr the warm-up starts at (default: %(default)s)")
+    a("--schedule", default="cosine", choices=["cosine", "inverse-sqrt"],
+      help="after warm-up (default: %(default)s)")
     a("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay (default: %(default)s)")
-    a("--decay-on", default="matrices", choices=["matrices", "all"], help="what decays (default: %(default)s)")
+    a("--decay-on", default="matrices", choices=["matrices", "all"],
+      help="what decays (default: %(default)s)")
     a("--beta2", type=fraction, default=0.95, help="AdamW beta2 (default: %(default)s)")
     a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy smoothing (default: %(default)s)")
-    a("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
+    a("--grad-clip", type=nonneg_float, default=1.0,
+      help="gradient-norm clip, 0 = off (default: %(default)s)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--eval-interval", type=positive_int, default=250, help="steps between loss estimates (default: %(default)s)")
-    a("--eval-batches", type=positive_int, default=4, help="fixed batches per estimate (default: %(default)s)")
-    a("--ckpt-interval", type=positive_int, default=None, help="steps between checkpoints (default: by preset)")
+    a("--eval-interval", type=positive_int, default=250,
+      help="steps between loss estimates (default: %(default)s)")
+    a("--eval-batches", type=positive_int, default=4,
+      help="fixed batches per estimate (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=None,
+      help="steps between checkpoints (default: by preset)")
     a("--stop-after", type=nonneg_int, default=0, help="stop after this many steps of this run (a job limit)")
     a("--resume", action="store_true", help="continue from OUT/gpt.pt: model, optimizer, step, RNG")
     a("--force", action="store_true", help="start afresh over an existing OUT/gpt.pt")
@@ -222,7 +231,8 @@ class KVCache:
         attn = model.blocks[0].attn
         shape = (batch_size, attn.n_head, length or model.block_size, attn.qkv.in_features // attn.n_head)
         device = attn.qkv.weight.device
-        self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv") for _ in model.blocks]
+        self.layers = [tuple(torch.zeros(shape, dtype=dtype,
+                                         device=device) for _ in "kv") for _ in model.blocks]
         self.pos = 0
 
 
@@ -293,11 +303,13 @@ def model_size(args):
 
 def model_args_from(args, vocab_size, block_size, n_classes):
     return dict(vocab_size=vocab_size, block_size=block_size, n_classes=n_classes, dropout=args.dropout,
-                norm=args.norm, tie_embeddings=args.tie_embeddings, emb_scale=args.emb_scale, **model_size(args))
+                norm=args.norm, tie_embeddings=args.tie_embeddings, emb_scale=args.emb_scale,
+                **model_size(args))
 
 
 def flops_per_token(model_args, n_params):
-    """Training FLOPs per token: 6N for the matmuls with weights, 12 L H Q T for attention (nanoGPT / PaLM)."""
+    """Training FLOPs per token: 6N for the matmuls with weights, 12 L H Q T for attention (nanoGPT /
+    PaLM)."""
     L, C, T = model_args["n_layer"], model_args["n_embd"], model_args["block_size"]
     return 6 * n_params + 12 * L * C * T  # H * Q = C
 
@@ -378,7 +390,7 @@ def main(argv=None):
 
     # -- data: every token grid of both splits on the device in its stored dtype (int16 for K = 8192:
     #    1.28M ImageNet images x 256 tokens = 0.66 GB, x views); batches become int64 one at a time.
-    #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): the same GPT learns either.
+    #    DiGIT's tokens, or the pixel VQ's codes of the same images (--tokenizer vq): one GPT learns either.
     train, val = load_token_files(args.out, args.tokenizer, views=True)
     conditional = not args.unconditional and train.get("labels") is not None
     n_classes = len(train["classes"]) if conditional else 0
@@ -386,7 +398,8 @@ def main(argv=None):
         fail(f"labels go up to {int(train['labels'].max())} but tokens_train.pt names {n_classes} classes")
     h, w = train["grid"]
     if args.batch_size % (world * args.grad_accum):
-        fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks x --grad-accum {args.grad_accum}")
+        fail(f"--batch-size {args.batch_size} is not divisible by {world} ranks x --grad-accum "
+             f"{args.grad_accum}")
     micro = args.batch_size // (world * args.grad_accum)  # sequences per forward pass on this rank
     if len(train["tokens"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the train set ({len(train['tokens'])} images)")
@@ -401,9 +414,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = GPT(**model_args).to(device)
     optimizer = make_optimizer(model, args, device)
-    ckpt = Checkpoint(gpt_path(args.out, args.tokenizer), args, model_args, lineage(train), precision_name(dtype),
-                      vocab_size=train["vocab_size"], grid=train["grid"], classes=train["classes"] if conditional else [],
-                      encoder=train.get("encoder"), layer=train.get("layer"), image_size=train.get("image_size"),
+    ckpt = Checkpoint(gpt_path(args.out, args.tokenizer), args, model_args, lineage(train),
+                      precision_name(dtype),
+                      vocab_size=train["vocab_size"], grid=train["grid"],
+                      classes=train["classes"] if conditional else [],
+                      encoder=train.get("encoder"), layer=train.get("layer"),
+                      image_size=train.get("image_size"),
                       tokenizer=train.get("tokenizer", "digit"), views=views)
     state = ckpt.start(device, model=model, optimizer=optimizer)
     step, best_val = state.get("step", 0), state.get("best_val", float("inf"))
@@ -419,7 +435,8 @@ def main(argv=None):
     peak, peak_note = device_peak(device, dtype)
     if rank == 0:
         print(f"GPT {model_args['n_layer']}x{model_args['n_embd']} ({n_params / 1e6:.2f}M parameters), vocab "
-              f"{model_args['vocab_size']}, {h * w} tokens/image{f' ({views} views each)' if views > 1 else ''}, "
+              f"{model_args['vocab_size']}, {h * w} "
+              f"tokens/image{f' ({views} views each)' if views > 1 else ''}, "
               f"{f'class-conditional ({n_classes} classes)' if conditional else 'unconditional'}, {world} "
               f"process(es) on {device} in {precision_name(dtype)}; MFU per device against {peak_note}")
 
@@ -435,9 +452,11 @@ def main(argv=None):
             group["lr"] = lr
         rows = batch_indices(step, args.batch_size, len(tokens), args.seed)
         batch = pick_views(tokens, rows, step, args.seed)
-        y = drop_classes(labels[rows.to(device)], args.class_dropout, n_classes, step, args.seed) if conditional \
+        y = drop_classes(labels[rows.to(device)], args.class_dropout, n_classes, step,
+                         args.seed) if conditional \
             else None
-        mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)  # this rank's
+        # this rank's
+        mine = torch.arange(rank * micro * args.grad_accum, (rank + 1) * micro * args.grad_accum)
 
         # forward/backward over the micro-batches; gradients are all-reduced once, on the last one
         loss_sum = torch.zeros((), device=device)
@@ -467,19 +486,20 @@ def main(argv=None):
         # evaluation on fixed batches (rank 0), throughput and MFU since the last one; checkpoints
         if rank == 0 and (step % args.eval_interval == 0 or step == last_step):
             dt = time.perf_counter() - t0
-            tl, vl = estimate_loss(raw, train_data, args, dtype, device), estimate_loss(raw, val_data, args, dtype, device)
+            tl = estimate_loss(raw, train_data, args, dtype, device)
+            vl = estimate_loss(raw, val_data, args, dtype, device)
             best_val = min(best_val, vl)
             evals.append(dict(step=step, train=tl, val=vl))
             bar.write(f"step {step}: train loss {tl:.4f}, val loss {vl:.4f}, "
-                      f"{steps_timed * args.batch_size * h * w / dt:,.0f} tokens/s, "
-                      f"MFU {100 * flops_step * steps_timed / dt / peak:.1f}%")
+                      f"{steps_timed * args.batch_size * h * w / dt:,.0f} tokens/s, MFU "
+                      f"{100 * flops_step * steps_timed / dt / peak:.1f}%")
             t0, steps_timed = time.perf_counter(), 0
         if rank == 0 and (step % args.ckpt_interval == 0 or step == last_step):
             ckpt.save(step=step, best_val=best_val, losses=losses, evals=evals)
     bar.close()
     if rank == 0:
-        print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt.path}, "
-              f"best val loss {best_val:.4f}")
+        print(f"{'stopped' if step < args.max_steps else 'done'} at step {step}: {ckpt.path}, best val loss "
+              f"{best_val:.4f}")
     finish_distributed()
     return losses
 

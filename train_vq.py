@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from artifacts import Checkpoint, lineage, prepare_out, save_atomic
-from common import (StepSampler, add_system_args, all_reduce, autocast, autocast_dtype, fail, finish_distributed,
-                    init_distributed, learning_rate, nonneg_float, nonneg_int, parser, positive_float, positive_int,
-                    precision_name, seeded, stop_if_not_finite)
+from common import (StepSampler, add_system_args, all_reduce, autocast, autocast_dtype, fail,
+                    finish_distributed, init_distributed, learning_rate, nonneg_float, nonneg_int, parser,
+                    positive_float, positive_int, precision_name, seeded, stop_if_not_finite)
 from data import ImagesWithTokens, load_token_files, to_unit, token_path
 from dinov2 import DinoPerceptual
 from vqgan import VQModel, load_vq, vq_encode
@@ -52,29 +52,38 @@ def get_args(argv=None):
     a("--vq-codes", type=positive_int, default=1024, help="codebook size (default: %(default)s)")
     a("--code-dim", type=positive_int, default=32, help="code dimension (default: %(default)s)")
     a("--commit", type=nonneg_float, default=0.25, help="commitment loss weight (default: %(default)s)")
-    a("--perceptual", type=nonneg_float, default=0.1, help="DINOv2 feature loss weight (default: %(default)s)")
+    a("--perceptual", type=nonneg_float, default=0.1,
+      help="DINOv2 feature loss weight (default: %(default)s)")
     a("--perceptual-layer", type=positive_int, default=3, help="DINOv2 block compared (default: %(default)s)")
-    a("--restart-interval", type=positive_int, default=50, help="steps between dead-code restarts (default: %(default)s)")
+    a("--restart-interval", type=positive_int, default=50,
+      help="steps between dead-code restarts (default: %(default)s)")
     a("--disc-weight", type=nonneg_float, default=0.0, help="PatchGAN weight, 0 = off (default: %(default)s)")
     a("--disc-start", type=nonneg_int, default=0, help="step the GAN starts at (default: %(default)s)")
-    a("--disc-layers", type=positive_int, default=3, help="strided convs of the PatchGAN (default: %(default)s)")
+    a("--disc-layers", type=positive_int, default=3,
+      help="strided convs of the PatchGAN (default: %(default)s)")
     a = p.add_argument_group("optimisation").add_argument
     a("--batch-size", type=positive_int, default=32, help="global batch (default: %(default)s)")
     a("--max-steps", type=positive_int, default=2000, help="optimizer steps (default: %(default)s)")
     a("--lr", type=positive_float, default=2e-4, help="learning rate (default: %(default)s)")
     a("--warmup-steps", type=nonneg_int, default=50, help="linear warm-up steps (default: %(default)s)")
-    a("--schedule", default="cosine", choices=["cosine", "constant"], help="after warm-up (default: %(default)s)")
+    a("--schedule", default="cosine", choices=["cosine", "constant"],
+      help="after warm-up (default: %(default)s)")
     a("--min-lr", type=nonneg_float, default=None, help="end of the cosine decay (default: lr / 10)")
     a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--eval-interval", type=positive_int, default=500, help="steps between evaluations (default: %(default)s)")
-    a("--eval-images", type=positive_int, default=256, help="val images per evaluation (default: %(default)s)")
-    a("--ckpt-interval", type=positive_int, default=500, help="steps between checkpoints (default: %(default)s)")
+    a("--eval-interval", type=positive_int, default=500,
+      help="steps between evaluations (default: %(default)s)")
+    a("--eval-images", type=positive_int, default=256,
+      help="val images per evaluation (default: %(default)s)")
+    a("--ckpt-interval", type=positive_int, default=500,
+      help="steps between checkpoints (default: %(default)s)")
     a("--resume", action="store_true", help="continue from OUT/vq.pt")
     a("--force", action="store_true", help="start afresh over an existing OUT/vq.pt")
     a("--tokens-only", action="store_true", help="no training: write vq_tokens_*.pt from OUT/vq.pt")
     system = add_system_args(p, "reads tokens_*.pt from, writes vq.pt and vq_tokens_*.pt to")
-    system.add_argument("--workers", type=nonneg_int, default=2, help="loader processes (default: %(default)s)")
-    system.add_argument("--preload-gb", type=nonneg_float, default=4.0, help="keep images in memory below this")
+    system.add_argument("--workers", type=nonneg_int, default=2,
+                        help="loader processes (default: %(default)s)")
+    system.add_argument("--preload-gb", type=nonneg_float, default=4.0,
+                        help="keep images in memory below this")
     args = p.parse_args(argv)
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     return args
@@ -94,7 +103,8 @@ def vq_levels(pixel_size, grid):
     """How many stride-2 levels turn pixel_size pixels into the DiGIT grid (a power of two is needed)."""
     levels = math.log2(pixel_size / grid[0]) if pixel_size % grid[0] == 0 else -1
     if levels != int(levels) or levels < 1 or grid[0] != grid[1]:
-        fail(f"--pixel-size {pixel_size} is not a power-of-two multiple of the DiGIT grid {grid[0]}x{grid[1]}")
+        fail(f"--pixel-size {pixel_size} is not a power-of-two multiple of the DiGIT grid "
+             f"{grid[0]}x{grid[1]}")
     return int(levels)
 
 
@@ -103,7 +113,7 @@ def eval_subset(val, n):
     return torch.utils.data.Subset(val, torch.linspace(0, len(val) - 1, min(n, len(val))).long().tolist())
 
 
-# ----------------------------------------------------------------------------- the GAN (VQGAN's, for the direct decoder too)
+# ---------------------------------------------------------- the GAN (VQGAN's; train_direct.py uses it too)
 
 def patch_discriminator(layers, channels=64):
     """PatchGAN (pix2pix, Isola et al. 2017; taming's NLayerDiscriminator): strided 4x4 convs, one real/fake
@@ -111,7 +121,8 @@ def patch_discriminator(layers, channels=64):
     mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
     for i in range(1, layers + 1):
         c_out = channels * min(2 ** i, 8)
-        # GroupNorm where taming has BatchNorm: per-image statistics keep a run the same for any number of ranks
+        # GroupNorm where taming has BatchNorm: per-image statistics keep a run the same for any number
+        # of ranks
         mods += [nn.Conv2d(c, c_out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(32, c_out),
                  nn.LeakyReLU(0.2)]
         c = c_out
@@ -119,7 +130,8 @@ def patch_discriminator(layers, channels=64):
 
 
 def adversarial_term(nll, rec, last_layer, args, disc, step):
-    """The generator's share of the GAN (--disc-weight, from --disc-start on): -D(rec), weighted adaptively."""
+    """The generator's share of the GAN (--disc-weight, from --disc-start on): -D(rec), weighted
+    adaptively."""
     if disc is None or step < args.disc_start:
         return 0.0
     disc.requires_grad_(False)  # gradients reach the generator through D, not D itself
@@ -130,7 +142,8 @@ def adversarial_term(nll, rec, last_layer, args, disc, step):
 
 def adaptive_weight(nll, g_loss, last_layer):
     """taming's balance of the two losses: the ratio of their gradient norms at the decoder's last layer, so
-    the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq. 7)."""
+    the adversarial term never swamps reconstruction whatever the scale of either (Esser et al. 2021, Eq.
+    7)."""
     g1 = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g2 = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     if dist.is_initialized():  # the whole global batch's gradients: the same weight for any number of ranks
@@ -154,7 +167,7 @@ def disc_step(disc, disc_opt, x, rec, device, dtype):
     return d_loss.detach()
 
 
-# ----------------------------------------------------------------------------- the VQ's loss, restarts, evaluation
+# ------------------------------------------------------------------- the VQ's loss, restarts, evaluation
 
 def vq_loss(model, raw, x, args, parts, usage, step):
     """Reconstruction (+ perceptual) + codebook + commitment loss (+ the adversarial term from --disc-start);
@@ -200,7 +213,8 @@ def evaluate_vq(vq, val, args, device, dtype):
     counts = torch.bincount(torch.cat(ids), minlength=vq.num_codes).float()
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-    return dict(psnr=float(torch.cat(psnrs).mean()), codes_used=int((counts > 0).sum()), perplexity=perplexity)
+    return dict(psnr=float(torch.cat(psnrs).mean()), codes_used=int((counts > 0).sum()),
+                perplexity=perplexity)
 
 
 @torch.no_grad()
@@ -253,17 +267,20 @@ def main(argv=None):
     model_args = dict(levels=vq_levels(pixel_size, grid), channels=args.vq_channels, codes=args.vq_codes,
                       code_dim=args.code_dim)
     model = VQModel(**model_args).to(device)
-    perceptual = DinoPerceptual(train_tok["encoder"], args.perceptual_layer).to(device) if args.perceptual else None
+    perceptual = DinoPerceptual(train_tok["encoder"],
+                                args.perceptual_layer).to(device) if args.perceptual else None
     disc = patch_discriminator(args.disc_layers).to(device) if args.disc_weight > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
                                   fused=device.type == "cuda")
     disc_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if disc is not None else None
     tokenizer = {k: v for k, v in lineage(train_tok).items() if k != "tokenizer"}  # the DiGIT grid it serves
-    ckpt = Checkpoint(os.path.join(args.out, "vq.pt"), args, model_args, dict(tokenizer, vq_codes=args.vq_codes),
+    ckpt = Checkpoint(os.path.join(args.out, "vq.pt"), args, model_args,
+                      dict(tokenizer, vq_codes=args.vq_codes),
                       precision_name(dtype), identity="vq", pixel_size=pixel_size, grid=grid,
                       digit_vocab=train_tok["vocab_size"])
     state = ckpt.start(device, model=model, optimizer=optimizer, disc=disc, disc_optimizer=disc_opt)
-    step, history, disc_history = state.get("step", 0), state.get("history", []), state.get("disc_history", [])
+    step = state.get("step", 0)
+    history, disc_history = state.get("history", []), state.get("disc_history", [])
     usage = torch.zeros(args.vq_codes, device=device)  # code use since the last restart of dead codes
     if "usage" in state and rank == 0:  # the whole batch's counts; without them a resumed run restarts others
         usage.copy_(state["usage"])
@@ -273,8 +290,8 @@ def main(argv=None):
         ddp_disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc else None
     parts = dict(perceptual=perceptual, disc=disc)  # the generator's term goes through D itself, not its DDP
     if rank == 0:
-        print(f"pixel VQ: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {pixel_size}px images, "
-              f"grid {grid[0]}x{grid[1]}, {args.vq_codes} codes, {world} process(es) on {device} in "
+        print(f"pixel VQ: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {pixel_size}px "
+              f"images, grid {grid[0]}x{grid[1]}, {args.vq_codes} codes, {world} process(es) on {device} in "
               f"{precision_name(dtype)}")
 
     # -- the training loop: global batches by step (StepSampler), each rank loads its slice
@@ -283,7 +300,8 @@ def main(argv=None):
     loader = DataLoader(train, batch_size=args.batch_size // world, sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # the global RNG: untouched
-    bar = tqdm(total=args.max_steps, initial=step, desc="train VQ", unit="step", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=args.max_steps, initial=step, desc="train VQ", unit="step", disable=rank != 0,
+               dynamic_ncols=True)
     metrics = state.get("metrics", {})
     for x, _, _ in loader:
         if step >= args.max_steps:
@@ -300,7 +318,8 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if disc is not None and step >= args.disc_start:
-            disc_history.append(float(all_reduce(disc_step(ddp_disc, disc_opt, x, rec, device, dtype))) / world)
+            d_loss = disc_step(ddp_disc, disc_opt, x, rec, device, dtype)
+            disc_history.append(float(all_reduce(d_loss)) / world)
         step += 1
         if step % args.restart_interval == 0:  # codes nobody used move onto live encoder outputs
             restart_dead_codes(raw, usage, z.detach(), seeded(args.seed, step))
@@ -309,12 +328,13 @@ def main(argv=None):
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if rank == 0 and (step % args.eval_interval == 0 or step == args.max_steps):
             metrics = evaluate_vq(raw, val, args, device, dtype)
-            bar.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codes used {metrics['codes_used']}/"
-                      f"{args.vq_codes}, perplexity {metrics['perplexity']:.0f}")
+            bar.write(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codes used "
+                      f"{metrics['codes_used']}/{args.vq_codes}, perplexity {metrics['perplexity']:.0f}")
         if step % args.ckpt_interval == 0 or step == args.max_steps:
             counts = all_reduce(usage.clone())  # every rank's code use since the last restart (all ranks)
             if rank == 0:
-                ckpt.save(step=step, history=history, disc_history=disc_history, metrics=metrics, usage=counts.cpu())
+                ckpt.save(step=step, history=history, disc_history=disc_history, metrics=metrics,
+                          usage=counts.cpu())
     bar.close()
     if rank == 0:
         print(f"done at step {step}: {ckpt.path} {metrics}")

@@ -2,7 +2,7 @@
 The pixel tokenizers that stage 2 renders through (paper Sec. 3.3): images <-> a grid of VQ code ids.
 
 Three kinds, one interface (`vq_encode`, `vq_decode`, `load_vq`):
-  VQModel     ours, small, trained by `train_decoder.py --stage vq` (vq.pt); L2-normalised codes.
+  VQModel     ours, small, trained by `train_vq.py` (vq.pt); L2-normalised codes.
   MageVQGAN   MAGE's VQGAN (github LTH14/mage, `vqgan_jax_strongaug.ckpt`), the one the paper's stage 2
               uses: 1,024 codes of 256 dims, 16x16 latents at 256 px, images in [0, 1].
   LlamaGenVQ  LlamaGen's VQ-16 (github FoundationVision/LlamaGen, `vq_ds16_c2i.pt`): 16,384 codes of
@@ -54,8 +54,9 @@ def nearest_code(z, codes):
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(min(32, c_in // 4), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-                                  nn.GroupNorm(min(32, c_out // 4), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.GroupNorm(min(32, c_in // 4), c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.GroupNorm(min(32, c_out // 4), c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -74,12 +75,14 @@ class VQModel(nn.Module):
         enc = [nn.Conv2d(3, chs[0], 3, padding=1)]
         for i in range(levels):
             enc += [ResBlock(chs[i], chs[i + 1]), nn.Conv2d(chs[i + 1], chs[i + 1], 4, stride=2, padding=1)]
-        enc += [ResBlock(chs[-1], chs[-1]), nn.GroupNorm(32 if chs[-1] >= 128 else 8, chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], code_dim, 1)]
+        enc += [ResBlock(chs[-1], chs[-1]), nn.GroupNorm(32 if chs[-1] >= 128 else 8, chs[-1]), nn.SiLU(),
+                nn.Conv2d(chs[-1], code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.codebook = nn.Embedding(codes, code_dim)
         dec = [nn.Conv2d(code_dim, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
         for i in reversed(range(levels)):
-            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chs[i + 1], chs[i + 1], 3, padding=1), ResBlock(chs[i + 1], chs[i])]
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(chs[i + 1], chs[i + 1], 3, padding=1), ResBlock(chs[i + 1], chs[i])]
         dec += [nn.GroupNorm(8, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
         self.num_codes, self.factor = codes, 2 ** levels
@@ -88,8 +91,8 @@ class VQModel(nn.Module):
         return F.normalize(self.codebook.weight, dim=1)
 
     def quantize(self, z):
-        """z [B, D, h, w] -> (quantized with straight-through gradient, ids [B, h*w], codebook loss, commitment loss,
-        the unit-norm latents [B*h*w, D])."""
+        """z [B, D, h, w] -> (quantized with straight-through gradient, ids [B, h*w], codebook loss,
+        commitment loss, the unit-norm latents [B*h*w, D])."""
         B, D, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D).float(), dim=1)
         e = self.codes().float()
@@ -113,7 +116,7 @@ class VQModel(nn.Module):
         return self.decoder(self.codes()[ids].view(len(ids), *grid, -1).permute(0, 3, 1, 2))
 
 
-# ----------------------------------------------------------------------------- the taming family (MAGE, LlamaGen)
+# ----------------------------------------------------------------------- the taming family (MAGE, LlamaGen)
 # Both descend from taming-transformers (Esser et al. 2021) but differ in details that change every output,
 # so each flag below is one of those differences, read off their code:
 #   MAGE (a port of the JAX MaskGIT VQGAN): no attention anywhere, no biases in the residual convs, the
@@ -132,7 +135,8 @@ class TamingResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
         self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias)
-        if c_in != c_out:  # MAGE's shortcut maps the output (c_out -> c_out); LlamaGen's the input (c_in -> c_out)
+        # MAGE's shortcut maps the output (c_out -> c_out); LlamaGen's the input (c_in -> c_out)
+        if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_out if mage_shortcut else c_in, c_out, 1, bias=bias)
         self.mage_shortcut = mage_shortcut
 
@@ -182,7 +186,8 @@ class Upsample(nn.Module):
 
 
 def holder(**modules):
-    """An empty nn.Module holding named children: the official code's `nn.Module()` containers, so keys match."""
+    """An empty nn.Module holding named children: the official code's `nn.Module()` containers, so keys
+    match."""
     m = nn.Module()
     for k, v in modules.items():
         setattr(m, k, v)
@@ -211,7 +216,8 @@ class MageVQGAN(nn.Module):
             up[i] = holder(block=blocks, **({"upsample": Upsample(c)} if i > 0 else {}))
         self.decoder = holder(conv_in=nn.Conv2d(z_channels, chs[-1], 3, padding=1),
                               mid=holder(block_1=block(chs[-1], chs[-1]), block_2=block(chs[-1], chs[-1])),
-                              up=nn.ModuleList(up), norm_out=group_norm(c), conv_out=nn.Conv2d(c, 3, 3, padding=1))
+                              up=nn.ModuleList(up), norm_out=group_norm(c),
+                              conv_out=nn.Conv2d(c, 3, 3, padding=1))
         self.quantize = holder(embedding=nn.Embedding(codes, z_channels))
         self.num_codes, self.factor = codes, 2 ** (n - 1)
 
@@ -241,9 +247,11 @@ class MageVQGAN(nn.Module):
 
 
 class LlamaGenVQ(nn.Module):
-    """LlamaGen's VQ (tokenizer/tokenizer_image/vq_model.py of FoundationVision/LlamaGen; VQ_16 at full size)."""
+    """LlamaGen's VQ (tokenizer/tokenizer_image/vq_model.py of FoundationVision/LlamaGen; VQ_16 at full
+    size)."""
 
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codes=16384, code_dim=8):
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, codes=16384,
+                 code_dim=8):
         super().__init__()
         block = lambda a, b: TamingResBlock(a, b, bias=True, mage_shortcut=False)
         chs, n = [ch * m for m in ch_mult], len(ch_mult)
@@ -255,7 +263,8 @@ class LlamaGenVQ(nn.Module):
                 c = chs[i]
                 if i == n - 1:
                     attn.append(AttnBlock(c))
-            levels.append(holder(res=res, attn=attn, **({"downsample": Downsample(c, True)} if i < n - 1 else {})))
+            down = {"downsample": Downsample(c, True)} if i < n - 1 else {}
+            levels.append(holder(res=res, attn=attn, **down))
         self.encoder = holder(conv_in=nn.Conv2d(3, ch, 3, padding=1), conv_blocks=levels,
                               mid=nn.ModuleList([block(c, c), AttnBlock(c), block(c, c)]),
                               norm_out=group_norm(c), conv_out=nn.Conv2d(c, z_channels, 3, padding=1))
@@ -269,9 +278,12 @@ class LlamaGenVQ(nn.Module):
                     attn.append(AttnBlock(c))
             levels.append(holder(res=res, attn=attn, **({"upsample": Upsample(c)} if i > 0 else {})))
         self.decoder = holder(conv_in=nn.Conv2d(z_channels, chs[-1], 3, padding=1),
-                              mid=nn.ModuleList([block(chs[-1], chs[-1]), AttnBlock(chs[-1]), block(chs[-1], chs[-1])]),
-                              conv_blocks=levels, norm_out=group_norm(c), conv_out=nn.Conv2d(c, 3, 3, padding=1))
-        self.quant_conv, self.post_quant_conv = nn.Conv2d(z_channels, code_dim, 1), nn.Conv2d(code_dim, z_channels, 1)
+                              mid=nn.ModuleList([block(chs[-1], chs[-1]), AttnBlock(chs[-1]),
+                                                 block(chs[-1], chs[-1])]),
+                              conv_blocks=levels, norm_out=group_norm(c),
+                              conv_out=nn.Conv2d(c, 3, 3, padding=1))
+        self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(code_dim, z_channels, 1)
         self.quantize = holder(embedding=nn.Embedding(codes, code_dim))
         self.num_codes, self.factor = codes, 2 ** (n - 1)
 
@@ -321,8 +333,10 @@ def count(sd, prefix):
 def mage_args(sd):
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = count(sd, "encoder.down")
-    return dict(ch=ch, num_res_blocks=count(sd, "encoder.down.0.block"), z_channels=sd["encoder.conv_out.weight"].shape[0],
-                ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)),
+    return dict(ch=ch, num_res_blocks=count(sd, "encoder.down.0.block"),
+                z_channels=sd["encoder.conv_out.weight"].shape[0],
+                ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch
+                              for i in range(levels)),
                 codes=sd["quantize.embedding.weight"].shape[0])
 
 
@@ -330,14 +344,18 @@ def llamagen_args(sd):
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = count(sd, "encoder.conv_blocks")
     codes, code_dim = sd["quantize.embedding.weight"].shape
-    return dict(ch=ch, num_res_blocks=count(sd, "encoder.conv_blocks.0.res"), z_channels=sd["encoder.conv_out.weight"].shape[0],
-                ch_mult=tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0] // ch for i in range(levels)),
+    return dict(ch=ch, num_res_blocks=count(sd, "encoder.conv_blocks.0.res"),
+                z_channels=sd["encoder.conv_out.weight"].shape[0],
+                ch_mult=tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0] // ch
+                              for i in range(levels)),
                 codes=codes, code_dim=code_dim)
 
 
 def pretrained_state_dict(ck):
-    """The weights inside a published checkpoint: MAGE's {"state_dict": ...}, LlamaGen's {"model"/"ema": ...}."""
-    for key in ("ema", "model", "state_dict"):  # LlamaGen's own loaders prefer ema, then model, then state_dict
+    """The weights inside a published checkpoint: MAGE's {"state_dict": ...}, LlamaGen's {"model"/"ema":
+    ...}."""
+    # LlamaGen's own loaders prefer ema, then model, then state_dict
+    for key in ("ema", "model", "state_dict"):
         if isinstance(ck, dict) and isinstance(ck.get(key), dict):
             return ck[key]
     return ck
@@ -351,9 +369,9 @@ def read_pretrained(path, hint):
 
 
 def load_vq(path, device, grid=None, pixel_size=None):
-    """(frozen pixel tokenizer, info) from vq.pt, MAGE's VQGAN checkpoint or a LlamaGen VQ checkpoint, told apart
-    by their keys. info has kind, grid, pixel_size, model_args["codes"], a fingerprint and the lineage record.
-    grid (the DiGIT grid) and pixel_size, when given, are checked: a pretrained VQ's latent grid is
+    """(frozen pixel tokenizer, info) from vq.pt, MAGE's VQGAN checkpoint or a LlamaGen VQ checkpoint, told
+    apart by their keys. info has kind, grid, pixel_size, model_args["codes"], a fingerprint and the lineage
+    record. grid (the DiGIT grid) and pixel_size, when given, are checked: a pretrained VQ's latent grid is
     pixel_size / its downsampling. Any malformed file is one line naming it."""
     hint = "run train_vq.py first, or give a pretrained VQ (MAGE's VQGAN, LlamaGen's VQ-16)"
     ck = read_pretrained(path, hint)
@@ -362,11 +380,12 @@ def load_vq(path, device, grid=None, pixel_size=None):
         info = dict(info, kind="ours", lineage=lineage(info))
         if grid is not None and tuple(info["grid"]) != tuple(grid):
             fail(f"{path} has a {tuple(info['grid'])} latent grid but the DiGIT tokens are {tuple(grid)}: "
-                 f"retrain the VQ")
+                 "retrain the VQ")
         return vq, info
     sd = pretrained_state_dict(ck)
     keys = list(sd)[:6] if isinstance(sd, dict) else type(sd).__name__
-    if not isinstance(sd, dict) or "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
+    if not isinstance(sd,
+                      dict) or "quantize.embedding.weight" not in sd or "encoder.conv_in.weight" not in sd:
         fail(f"{path} is none of vq.pt, MAGE's VQGAN, LlamaGen's VQ (keys found: {keys})")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -394,8 +413,9 @@ def load_vq(path, device, grid=None, pixel_size=None):
         fail(f"--pixel-size {side} is not a multiple of {path}'s downsampling ({model.factor}x)")
     latent = (side // model.factor, side // model.factor)
     if grid is not None and latent != tuple(grid):
-        fail(f"{path} ({kind}, downsamples {model.factor}x) gives a {latent[0]}x{latent[1]} latent grid at {side} px "
-             f"but the DiGIT grid is {grid[0]}x{grid[1]}: use --pixel-size {grid[0] * model.factor}")
+        fail(f"{path} ({kind}, downsamples {model.factor}x) gives a {latent[0]}x{latent[1]} latent grid at "
+             f"{side} px but the DiGIT grid is {grid[0]}x{grid[1]}: use --pixel-size "
+             f"{grid[0] * model.factor}")
     fingerprint = tensor_fingerprint(model.quantize.embedding.weight)
     info = dict(kind=kind, grid=latent, pixel_size=side, model_args=dict(codes=model.num_codes),
                 path=os.path.abspath(path), fingerprint=fingerprint,

@@ -33,6 +33,7 @@ import sample  # noqa: E402
 import stability  # noqa: E402
 import tokenize_kmeans  # noqa: E402
 import train_decoder  # noqa: E402
+import train_direct  # noqa: E402
 import train_gpt  # noqa: E402
 import train_vq  # noqa: E402
 
@@ -65,19 +66,21 @@ def stages(data, out, device):
          ["--data", data, *sys_args, "--image-size", "56", "--crop-size", "64", "--k", "16", "--iters", "3",
           "--workers", "0", "--batch-size", "8", "--views", "3"]),
         ("train_gpt (post-LN, emb-scale, dropout)", train_gpt.main,
-         [*sys_args, "--max-steps", "4", "--batch-size", "8", "--eval-interval", "4", "--eval-batches", "1", *tiny,
-          "--norm", "post", "--emb-scale", "--dropout", "0.1", "--force"]),
+         [*sys_args, "--max-steps", "4", "--batch-size", "8", "--eval-interval", "4", "--eval-batches", "1",
+          *tiny, "--norm", "post", "--emb-scale", "--dropout", "0.1", "--force"]),
         ("train_vq (+ PatchGAN)", train_vq.main,
          [*steps, "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0.1", "--disc-weight", "0.5",
           "--disc-layers", "1", "--force"]),
         ("train_decoder --stage maskgit", train_decoder.main, ["--stage", "maskgit", *dec, "--force"]),
-        ("train_decoder --stage ar", train_decoder.main, ["--stage", "ar", *dec, "--dropout", "0.1", "--force"]),
-        ("train_decoder --stage direct", train_decoder.main, ["--stage", "direct", *dec, "--perceptual", "0", "--force"]),
+        ("train_decoder --stage ar", train_decoder.main,
+         ["--stage", "ar", *dec, "--dropout", "0.1", "--force"]),
+        ("train_direct", train_direct.main, [*dec, "--perceptual", "0", "--force"]),
         ("sample (MaskGIT, CFG 2)", sample.main, [*samp, "--decoder", "maskgit", "--cfg-scale", "2",
                                                   "--samples-dir", os.path.join(out, "s_maskgit")]),
         ("sample (AR, top-k 5)", sample.main, [*samp, "--decoder", "ar", "--top-k", "5",
                                                "--samples-dir", os.path.join(out, "s_ar")]),
-        ("sample (direct)", sample.main, [*samp, "--decoder", "direct", "--samples-dir", os.path.join(out, "s_direct")]),
+        ("sample (direct)", sample.main,
+         [*samp, "--decoder", "direct", "--samples-dir", os.path.join(out, "s_direct")]),
         ("probe (demo protocol)", probe.main, [*sys_args, "--epochs", "2"]),
         ("probe (official protocol)", probe.main, [*sys_args, "--epochs", "2", "--protocol", "official"]),
         ("eval", evaluate.main, [*sys_args, "--samples", os.path.join(out, "s_maskgit"), "--fd-size", "56",
@@ -100,7 +103,8 @@ def main():
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    work = args.work or tempfile.mkdtemp(prefix="digit_smoke_")  # every rank: the same path (torchrun sets it)
+    # every rank: the same path (torchrun sets it)
+    work = args.work or tempfile.mkdtemp(prefix="digit_smoke_")
     if "RANK" in os.environ and args.work is None:
         work = os.path.join(tempfile.gettempdir(), f"digit_smoke_{os.environ.get('MASTER_PORT', '0')}")
     data, out = os.path.join(work, "data"), os.path.join(work, "out")
@@ -126,7 +130,8 @@ def main():
         return
     gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU: the CPU fallback"
     table = [f"### {world} process(es), {gpu}, torch {torch.__version__}", "",
-             f"| stage | result | seconds | peak {'GPU memory' if device == 'cuda' else 'RSS'} GB |", "|---|---|---|---|"]
+             f"| stage | result | seconds | peak {'GPU memory' if device == 'cuda' else 'RSS'} GB |",
+             "|---|---|---|---|"]
     table += [f"| {n} | {s} | {t:.1f} | {m:.2f} |" for n, s, t, m in rows]
     print("\n".join(table))
     with open(args.out, "a") as f:

@@ -1,11 +1,10 @@
 """
 Benchmark: our torch K-means (float32, and with bf16 distances) against faiss.Kmeans and scikit-learn
 KMeans(algorithm="lloyd").
-
-Same data, same initial centroids, same number of Lloyd iterations, all in one run, so the
-ratios are fair on whatever machine runs it. The bf16 variant (what tokenize_kmeans.py uses where the
-start-up matmul test finds bf16 1.5x faster) is run from --seeds different k-means++ inits beside float32
-from the same inits: its final inertia, computed in float32, must stay within 0.1% to be worth using. Two problems:
+ Same data, same initial centroids, same number of Lloyd iterations, all in one run, so the ratios are fair on
+whatever machine runs it. The bf16 variant (what tokenize_kmeans.py uses where the start-up matmul test finds
+bf16 1.5x faster) is run from --seeds different k-means++ inits beside float32 from the same inits: its final
+inertia, computed in float32, must stay within 0.1% to be worth using. Two problems:
   - real DINOv2 ViT-S/14 patch features (block 9) of demo MNIST images, K = 512
   - 200k x 384 synthetic clustered points, K = 1024 (the scale of PERF_NOTES)
 Reports seconds per iteration, final inertia (computed by us in float64 for everyone), and the
@@ -30,8 +29,10 @@ from tokenize_kmeans import init_centroids, kmeans, nearest_centroid  # noqa: E4
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--iters", type=int, default=10, help="Lloyd iterations per library (default: %(default)s)")
-p.add_argument("--seeds", type=int, default=3, help="k-means++ inits on which bf16 and float32 are compared (default: %(default)s)")
-p.add_argument("--images", type=int, default=1500, help="demo images encoded for the real-feature problem (default: %(default)s)")
+p.add_argument("--seeds", type=int, default=3,
+               help="k-means++ inits on which bf16 and float32 are compared (default: %(default)s)")
+p.add_argument("--images", type=int, default=1500,
+               help="demo images encoded for the real-feature problem (default: %(default)s)")
 p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "kmeans.md"))
 p.add_argument("--cache", default=os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit")))
 args = p.parse_args()
@@ -69,16 +70,18 @@ def run_ours(x, C0, dtype=None):
 
 
 def emulated_bf16_nearest(x, C, chunk=None):
-    """The bf16 assignment step computed in float32 with bf16's rounding: inputs and the x.c products rounded to
-    bf16 as a bf16 GEMM rounds them (fp32 accumulation, bf16 output), the norms added in float32. Same labels as real bf16 up to ties, at fp32
-    speed: for CPUs without bf16 instructions, where a real bf16 matmul runs at ~1 GFLOP/s."""
+    """The bf16 assignment step computed in float32 with bf16's rounding: inputs and the x.c products rounded
+    to bf16 as a bf16 GEMM rounds them (fp32 accumulation, bf16 output), the norms added in float32. Same
+    labels as real bf16 up to ties, at fp32 speed: for CPUs without bf16 instructions, where a real bf16
+    matmul runs at ~1 GFLOP/s."""
     if x.dtype != torch.bfloat16:
         return nearest_centroid(x, C, chunk)  # the final, exact float32 assignment
     xf, Cb = x.float(), C.float().bfloat16().float()
     c_sq = (C.float() * C.float()).sum(1)
     idx, dists = [], []
     for s in range(0, len(x), 8192):
-        d = (xf[s: s + 8192] @ Cb.t()).bfloat16().float().mul_(-2).add_(c_sq)  # as nearest_centroid's bf16 branch
+        # as nearest_centroid's bf16 branch
+        d = (xf[s: s + 8192] @ Cb.t()).bfloat16().float().mul_(-2).add_(c_sq)
         dmin, i = d.min(1)
         idx.append(i)
         dists.append((dmin + xf[s: s + 8192].pow(2).sum(1)).clamp_min_(0))
@@ -115,7 +118,8 @@ def run_sklearn(x, C0):
 
 
 def bf16_vs_fp32(x, k):
-    """Final float32 inertia of Lloyd with bf16 distances relative to float32, from --seeds other k-means++ inits."""
+    """Final float32 inertia of Lloyd with bf16 distances relative to float32, from --seeds other k-means++
+    inits."""
     diffs = []
     for seed in range(1, args.seeds + 1):
         C0 = init_centroids(x[torch.randperm(len(x), generator=seeded(seed))[: 16 * k]], k, seed=seed)
@@ -133,8 +137,10 @@ def distance_gflops(x, C, reps=3):
 
 
 cpu = torch.device("cpu")
-peak32, peak16 = matmul_flops(cpu, torch.float32) / 1e9, matmul_flops(cpu, torch.bfloat16, n=512, reps=3) / 1e9
-BF16_FAST = autocast_dtype("auto", cpu) is not None  # tokenize_kmeans.py's rule; without it bf16 is only emulated here
+peak32 = matmul_flops(cpu, torch.float32) / 1e9
+peak16 = matmul_flops(cpu, torch.bfloat16, n=512, reps=3) / 1e9
+# tokenize_kmeans.py's rule; without it bf16 is only emulated here
+BF16_FAST = autocast_dtype("auto", cpu) is not None
 BF16_NAME = "ours (bf16 distances)" if BF16_FAST else "ours (bf16 emulated in fp32)"
 rows = []
 problems = [("DINOv2-S/14 features of MNIST", lambda: real_features(args.images), 512),
@@ -153,18 +159,23 @@ for name, make, k in problems:
     faiss_spi = results["faiss-cpu"][0]
     gf = distance_gflops(x, C0)
     for lib, (spi, ine) in results.items():
-        rows.append(f"| {name} | {len(x):,} x {x.shape[1]}, K={k} | {lib} | {spi:.3f} | {faiss_spi / spi:.2f}x "
-                    f"| {ine:.6g} | {100 * (ine / ref_in - 1):+.3f}% |")
-    rows.append(f"| {name} | | ours: distance step (fp32) | {gf:.0f} GFLOP/s = {100 * gf / peak32:.0f}% of fp32 matmul peak | | | |")
+        rows.append(f"| {name} | {len(x):,} x {x.shape[1]}, K={k} | {lib} | {spi:.3f} | "
+                    f"{faiss_spi / spi:.2f}x | {ine:.6g} | {100 * (ine / ref_in - 1):+.3f}% |")
+    rows.append(f"| {name} | | ours: distance step (fp32) | {gf:.0f} GFLOP/s = {100 * gf / peak32:.0f}% of "
+                "fp32 matmul peak | | | |")
     diffs = bf16_vs_fp32(x, k)
-    print(f"  bf16 vs fp32 final inertia from {args.seeds} other inits: " + ", ".join(f"{d:+.3f}%" for d in diffs))
-    rows.append(f"| {name} | | bf16 vs fp32, {args.seeds} other inits | | | | " + ", ".join(f"{d:+.3f}%" for d in diffs) + " |")
+    diffs = ", ".join(f"{d:+.3f}%" for d in diffs)
+    print(f"  bf16 vs fp32 final inertia from {args.seeds} other inits: {diffs}")
+    rows.append(f"| {name} | | bf16 vs fp32, {args.seeds} other inits | | | | {diffs} |")
 
-table = [f"K-means benchmark ({platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}). "
-         f"Measured matmul peak: fp32 {peak32:.0f} GFLOP/s (2048^2), bf16 {peak16:.1f} GFLOP/s (512^2)"
-         + ("." if BF16_FAST else ": no bf16 speed-up on this CPU, so tokenize_kmeans.py runs K-means in fp32 here; the bf16 rows "
-            "emulate bf16's rounding in fp32 to measure its effect on the inertia (their time is not a bf16 time)."), "",
-         "| problem | size | library | s/iter | speed vs faiss-cpu | final inertia (fp32) | inertia vs ours fp32 |",
+table = [f"K-means benchmark ({platform.processor() or platform.machine()}, {threads} threads, torch "
+         f"{torch.__version__}). Measured matmul peak: fp32 {peak32:.0f} GFLOP/s (2048^2), bf16 {peak16:.1f} "
+         "GFLOP/s (512^2)"
+         + ("." if BF16_FAST else ": no bf16 speed-up on this CPU, so tokenize_kmeans.py runs K-means in "
+                                  "fp32 here; the bf16 rows emulate bf16's rounding in fp32 to measure its "
+                                  "effect on the inertia (their time is not a bf16 time)."), "",
+         "| problem | size | library | s/iter | speed vs faiss-cpu | final inertia (fp32) | inertia vs ours "
+         "fp32 |",
          "|---|---|---|---|---|---|---|", *rows]
 open(args.out, "w").write("\n".join(table) + "\n")
 print("\n".join(table))

@@ -10,7 +10,8 @@ stands in for ImageNet.
 
     python bench/paper_scale.py              # ~10 min on 2 CPU cores; writes bench/paper_scale.md
     python bench/paper_scale.py --nproc 2    # the training stages under torchrun with 2 gloo processes
-    python bench/paper_scale.py --vq-only    # only the pretrained VQs' table (MAGE's VQGAN, LlamaGen's VQ-16)
+    python bench/paper_scale.py --vq-only    # only the pretrained VQs' table (MAGE's VQGAN, LlamaGen's)
+    python bench/paper_scale.py --device cuda --train-images 256   # a GPU: rate, peak memory per stage
 
 The second table: encode and decode images/s and peak memory of the two pretrained pixel tokenizers at 256 px
 (full size, random weights: speed does not depend on their values), each in its own process, with the FLOP/s
@@ -30,30 +31,40 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--nproc", type=int, default=1, help="processes for the torchrun-capable stages (default: %(default)s)")
-p.add_argument("--train-images", type=int, default=40, help="synthetic train images (>= 32: K = 8192 needs 8192 patches) (default: %(default)s)")
-p.add_argument("--keep", default=None, help="keep the run's files in this folder (default: a temporary folder)")
+p.add_argument("--nproc", type=int, default=1,
+               help="processes for the torchrun-capable stages (default: %(default)s)")
+p.add_argument("--train-images", type=int, default=40,
+               help="synthetic train images (>= 32: K = 8192 needs 8192 patches) (default: %(default)s)")
+p.add_argument("--keep", default=None,
+               help="keep the run's files here (default: a temporary folder)")
 p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_scale.md"))
-p.add_argument("--vq-only", action="store_true", help="only measure the pretrained VQs; the stage table in --out is kept")
-p.add_argument("--measure-vq", choices=["mage", "llamagen", "direct"], help=argparse.SUPPRESS)  # the child process of one row
+p.add_argument("--vq-only", action="store_true",
+               help="only the pretrained VQs' table (the stage table is kept)")
+# the child process of one row
+p.add_argument("--measure-vq", choices=["mage", "llamagen", "direct"], help=argparse.SUPPRESS)
 p.add_argument("--vq-batch", type=int, default=4, help="images per encode/decode call (default: %(default)s)")
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+               help="cuda: stages run in this process, peak GPU memory per stage (default: "
+                    "%(default)s)")
 args = p.parse_args()
 VQ_TITLE = "## Pretrained pixel tokenizers at 256 px"
 
 
 def measure_vq(kind, batch, reps=3):
-    """One pretrained VQ at full size: encode and decode images/s, GFLOP per image, and the fraction of the fp32
-    matmul peak (measured here) that it reaches. Prints one line the parent parses."""
+    """One pretrained VQ at full size: encode and decode images/s, GFLOP per image, and the fraction of the
+    fp32 matmul peak (measured here) that it reaches. Prints one line the parent parses."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, ROOT)
     from common import matmul_flops
-    from train_decoder import DirectDecoder, direct_render
+    from train_direct import DirectDecoder, direct_render
     from train_gpt import MODELS
     from vqgan import LlamaGenVQ, MageVQGAN, vq_decode, vq_encode
     torch.manual_seed(0)
-    if kind == "direct":  # the direct decoder's base configuration: 16x16 DiGIT tokens (K = 8192, ViT-B 768-d) -> 256 px
-        vq = DirectDecoder(vocab=8192, dim=768, grid=(16, 16), patch=16, **MODELS["base"]).eval().requires_grad_(False)
+    # the direct decoder's base configuration: 16x16 DiGIT tokens (K = 8192, ViT-B 768-d) -> 256 px
+    if kind == "direct":
+        vq = DirectDecoder(vocab=8192, dim=768, grid=(16, 16), patch=16,
+                           **MODELS["base"]).eval().requires_grad_(False)
     else:
         vq = (MageVQGAN() if kind == "mage" else LlamaGenVQ()).eval().requires_grad_(False)
     x = torch.rand(batch, 3, 256, 256) * 2 - 1
@@ -70,7 +81,7 @@ def measure_vq(kind, batch, reps=3):
                 fn()
             sec = (time.perf_counter() - t) / reps
             result[name] = (batch / sec, fc.get_total_flops() / batch / 1e9)
-    # the reference: the best of three matmul measurements (one alone varies by ~30% on a shared 2-core machine)
+    # the reference: the best of three matmul measurements (one alone varies by ~30% on a shared machine)
     peak = max(matmul_flops(torch.device("cpu"), torch.float32) for _ in range(3))
     params = sum(p.numel() for p in vq.parameters()) / 1e6
     enc, dec = result["encode"], result["decode"]
@@ -98,14 +109,17 @@ def synthetic_imagefolder(root, n_train, n_val):
 
 def run(name, script, *flags, nproc=1):
     """Run one stage; return (seconds, peak RSS in GB of the largest process, the stage's last rate, log)."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + [os.path.join(ROOT, script), *map(str, flags)]
     print(f"== {name}: {' '.join(cmd[len(launcher):])}", flush=True)
     env = dict(os.environ, DIGIT_RANDOM_ENCODER="1", OMP_NUM_THREADS=str(max(1, os.cpu_count() // nproc)))
     t = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=ROOT)
     log = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of the process and its waited-for children (KB)
+    # ru_maxrss: the largest of the process and its waited-for children (KB)
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.time() - t
     if status != 0:
         print(log[-4000:])
@@ -121,27 +135,33 @@ def run(name, script, *flags, nproc=1):
 
 def vq_table():
     """Rows of the pretrained-VQ table, each VQ measured in a child process (its own peak RSS)."""
-    rows = ["| pixel tokenizer (full size, 256 px, 16x16 codes) | parameters | encode img/s | GFLOP/img | decode img/s | "
-            "GFLOP/img | peak RSS GB | fraction of fp32 matmul peak (enc / dec) |", "|---|---|---|---|---|---|---|---|"]
-    for kind, name in (("mage", "MAGE's VQGAN (the paper's; 1,024 x 256-d codes)"), ("llamagen", "LlamaGen's VQ-16 (16,384 x 8-d codes)"),
-                       ("direct", "for comparison: the direct decoder, base (16 x 1024), DiGIT ids -> pixels")):
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--measure-vq", kind, "--vq-batch", str(args.vq_batch)],
+    rows = ["| pixel tokenizer (full size, 256 px, 16x16 codes) | parameters | encode img/s | GFLOP/img | "
+            "decode img/s | GFLOP/img | peak RSS GB | fraction of fp32 matmul peak (enc / dec) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for kind, name in (("mage", "MAGE's VQGAN (the paper's; 1,024 x 256-d codes)"),
+                       ("llamagen", "LlamaGen's VQ-16 (16,384 x 8-d codes)"),
+                       ("direct", "for comparison: the direct decoder, base (16 x 1024), ids -> pixels")):
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--measure-vq", kind,
+                                 "--vq-batch", str(args.vq_batch)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         log = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
-        line = [l for l in log.splitlines() if l.startswith("RESULT ")]
+        line = [s for s in log.splitlines() if s.startswith("RESULT ")]
         if status != 0 or not line:
             print(log[-3000:])
             sys.exit(f"measuring {kind} failed")
         params, enc, enc_gf, dec, dec_gf, peak, enc_frac, dec_frac = line[0].split()[1:]
         enc, enc_gf, enc_frac = ("-", "-", "-") if enc == "nan" else (enc, enc_gf, f"{float(enc_frac):.0%}")
-        rows.append(f"| {name} | {params}M | {enc} | {enc_gf} | {dec} | {dec_gf} | {usage.ru_maxrss / 2**20:.2f} | "
-                    f"{enc_frac} / {float(dec_frac):.0%} of {peak} GFLOP/s |")
+        rows.append(f"| {name} | {params}M | {enc} | {enc_gf} | {dec} | {dec_gf} | "
+                    f"{usage.ru_maxrss / 2**20:.2f} | {enc_frac} / {float(dec_frac):.0%} of {peak} GFLOP/s |")
         print(rows[-1], flush=True)
     import torch
-    return [VQ_TITLE, "", f"Batch {args.vq_batch}, {os.cpu_count()} CPU threads, fp32, torch {torch.__version__}, random weights "
-            "(`python bench/paper_scale.py --vq-only`). Encode = encoder + nearest code; decode = code lookup + decoder "
-            "(for the direct decoder: ids -> pixels in one pass, what replaces MaskGIT + VQ decoder).", "", *rows]
+    return [VQ_TITLE, "",
+            f"Batch {args.vq_batch}, {os.cpu_count()} CPU threads, fp32, torch {torch.__version__}, random "
+            "weights (`python bench/paper_scale.py --vq-only`). Encode = encoder + nearest code; decode = "
+            "code lookup + decoder (for the direct decoder: ids -> pixels in one pass, what replaces "
+            "MaskGIT + VQ decoder).", "",
+            *rows]
 
 
 if args.vq_only:
@@ -157,33 +177,68 @@ shutil.rmtree(out, ignore_errors=True)
 if not os.path.isdir(data):
     synthetic_imagefolder(data, args.train_images, 8)
 n = args.nproc
-dec = ["--out", out, "--workers", "0", "--max-steps", "2", "--batch-size", str(2 * n), "--eval-interval", "2", "--eval-images", "4"]
+dec = ["--out", out, "--workers", "0", "--max-steps", "2", "--batch-size", str(2 * n), "--eval-interval",
+       "2", "--eval-images", "4"]
 STAGES = [  # (name, script, flags): the README recipe's settings, steps and batches cut to a couple
-    ("tokenize_kmeans.py (ViT-B/14 reg, 224 px, K=8192)", "tokenize_kmeans.py",
-     ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "16"]),
-    ("train_gpt.py --model base", "train_gpt.py",
-     ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2", "--eval-batches", "1"]),
+    ("tokenize_kmeans.py (ViT-B/14 reg, 256 px crops to 224, K=8192, 2 views)", "tokenize_kmeans.py",
+     ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "8", "--crop-size",
+      "256", "--views", "2"]),
+    ("train_gpt.py --model base (official settings)", "train_gpt.py",
+     ["--out", out, "--model", "base", "--max-steps", "2", "--batch-size", str(4 * n), "--eval-interval", "2",
+      "--eval-batches", "1", "--norm", "post", "--emb-scale", "--dropout", "0.1", "--label-smoothing",
+      "0.1"]),
     ("train_vq.py (256 px, 8192 codes)", "train_vq.py", ["--vq-codes", "8192", *dec]),
-    ("train_decoder.py --stage maskgit --model base", "train_decoder.py", ["--stage", "maskgit", "--model", "base", *dec]),
-    ("train_decoder.py --stage direct --model base (256 px)", "train_decoder.py", ["--stage", "direct", "--model", "base", *dec]),
-    ("sample.py (2 classes x 1, CFG 4, top-k 300)", "sample.py",
-     ["--out", out, "--class", "0,1", "--num-samples", "1", "--cfg-scale", "4", "--top-k", "300", "--batch-size", "1"]),
-    ("probe.py", "probe.py", ["--out", out, "--epochs", "2"]),
+    ("train_decoder.py --stage maskgit --model base --layout fairseq", "train_decoder.py",
+     ["--stage", "maskgit", "--model", "base", "--layout", "fairseq", "--dropout", "0.1", *dec]),
+    ("train_decoder.py --stage ar --model base", "train_decoder.py",
+     ["--stage", "ar", "--model", "base", "--dropout", "0.1", *dec]),
+    ("train_direct.py --model base (256 px)", "train_direct.py", ["--model", "base", *dec]),
+    ("sample.py (2 classes x 1, top-k 300, MaskGIT)", "sample.py",
+     ["--out", out, "--class", "0,1", "--num-samples", "1", "--top-k", "300", "--batch-size", "1",
+      "--decoder", "maskgit"]),
+    ("sample.py (2 classes x 1, top-k 300, AR)", "sample.py",
+     ["--out", out, "--class", "0,1", "--num-samples", "1", "--top-k", "300", "--batch-size", "1",
+      "--decoder", "ar", "--samples-dir", os.path.join(out, "samples_ar")]),
+    ("probe.py --protocol official", "probe.py", ["--out", out, "--epochs", "2", "--protocol", "official"]),
     ("eval.py (FD_DINOv2 ViT-L/14 at 224)", "eval.py",
-     ["--out", out, "--samples", os.path.join(out, "samples"), "--fd-encoder", "dinov2_vitl14", "--fd-size", "224"]),
+     ["--out", out, "--samples", os.path.join(out, "samples"), "--fd-encoder", "dinov2_vitl14", "--fd-size",
+      "224"]),
     ("stability.py (4 images, 8 SNRs)", "stability.py", ["--out", out, "--images", "4"]),
 ]
+
+
+def run_on_cuda(name, script, *flags):
+    """One stage in this process on the GPU: (seconds, peak GPU memory GB, '')."""
+    import importlib
+    import torch
+    sys.path.insert(0, ROOT)
+    torch.cuda.reset_peak_memory_stats()
+    print(f"== {name}", flush=True)
+    t = time.time()
+    importlib.import_module(script[:-3]).main([*map(str, flags), "--device", "cuda"])
+    return time.time() - t, torch.cuda.max_memory_allocated() / 2 ** 30, "", ""
+
+
 rows = []
 for name, script, flags in STAGES:
-    seconds, gb, rate, _ = run(name, script, *flags, nproc=n)
+    if args.device == "cuda":
+        os.environ["DIGIT_RANDOM_ENCODER"] = "1"
+        seconds, gb, rate, _ = run_on_cuda(name, script, *flags)
+    else:
+        seconds, gb, rate, _ = run(name, script, *flags, nproc=n)
     rows.append(f"| {name} | {seconds:.0f} | {gb:.2f} | {rate} |")
 
 import torch  # noqa: E402  (only for the version line)
-lines = [f"Paper-scale smoke run ({os.cpu_count()} CPU threads, {n} process(es), torch {torch.__version__}, random-weight encoder, "
-         f"{args.train_images} synthetic train images): every stage at the ImageNet recipe's shapes for a couple of steps.", "",
-         "| stage | wall s (incl. start-up) | peak RSS GB (largest process) | rate, as tqdm last showed it |", "|---|---|---|---|", *rows,
-         "", "Rates of the training stages are over their 2 steps, so they include the first step's warm-up and the "
-         "evaluation at the last step; bench/train_gpt.md has clean per-step figures for the base GPT.", "", *vq_table()]
+lines = [f"Paper-scale smoke run ({os.cpu_count()} CPU threads, {n} process(es), torch {torch.__version__}, "
+         f"random-weight encoder, {args.train_images} synthetic train images): every stage at the ImageNet "
+         "recipe's shapes for a couple of steps.", "",
+         f"| stage | wall s (incl. start-up) | peak {'GPU memory' if args.device == 'cuda' else 'RSS'} GB "
+         "(largest process) | rate, as tqdm last showed it |", "|---|---|---|---|", *rows,
+         "",
+         "Rates of the training stages are over their 2 steps, so they include the first step's warm-up "
+         "and the evaluation at the last step; bench/train_gpt.md has clean per-step figures for the base "
+         "GPT.", "",
+         *vq_table()]
 with open(args.out, "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -35,7 +35,8 @@ for preset in ("tiny", "small"):
             t = time.perf_counter()
             generate(model, labels, gen=seeded(0), use_cache=cache)
             speed[cache] = args.batch_size * T / (time.perf_counter() - t)
-        rows.append(f"| {preset} | {T} | {vocab} | {speed[False]:,.0f} | {speed[True]:,.0f} | {speed[True] / speed[False]:.1f}x |")
+        rows.append(f"| {preset} | {T} | {vocab} | {speed[False]:,.0f} | {speed[True]:,.0f} | "
+                    f"{speed[True] / speed[False]:.1f}x |")
         print(rows[-1], flush=True)
 
 # what one cached step costs besides the model: time the model call alone at mid-sequence
@@ -55,8 +56,9 @@ with torch.no_grad():
         torch.multinomial(torch.randn(args.batch_size, 8192).softmax(-1), 1)
     sampling = (time.perf_counter() - t) / 100
 lines = [f"GPT sampling on CPU, batch {args.batch_size}, fp32, torch {torch.__version__}.", "",
-         "| preset | tokens/image | vocab | tokens/s, no cache | tokens/s, KV cache | speed-up |", "|---|---|---|---|---|---|", *rows, "",
-         f"Per cached step of `small` at 256 tokens: model call {1e3 * per_step:.1f} ms, softmax + multinomial over 8192 ids "
-         f"{1e3 * sampling:.2f} ms."]
+         "| preset | tokens/image | vocab | tokens/s, no cache | tokens/s, KV cache | speed-up |",
+         "|---|---|---|---|---|---|", *rows, "",
+         f"Per cached step of `small` at 256 tokens: model call {1e3 * per_step:.1f} ms, softmax + "
+         f"multinomial over 8192 ids {1e3 * sampling:.2f} ms."]
 open(args.out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

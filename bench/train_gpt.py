@@ -58,7 +58,8 @@ for preset, vocab, T, B in CASES:
         s = timed(step_fn(model, opt, dtype, x, y), args.steps)
         tps = B * T / s
         mfu = tps * fpt / peaks[name]
-        rows.append(f"| {preset} | {model.num_params() / 1e6:.1f}M | {vocab} | {B}x{T} | {name} | {s:.3f} | {tps:,.0f} | {100 * mfu:.0f}% |")
+        rows.append(f"| {preset} | {model.num_params() / 1e6:.1f}M | {vocab} | {B}x{T} | {name} | {s:.3f} | "
+                    f"{tps:,.0f} | {100 * mfu:.0f}% |")
         print(rows[-1], flush=True)
 
 # where the time goes: one profiled step of the profiled preset in the faster dtype
@@ -74,11 +75,14 @@ ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
 total = sum(e.self_cpu_time_total for e in ops)
 top = [f"| {e.key} | {100 * e.self_cpu_time_total / total:.0f}% |" for e in ops[:8]]
 
-lines = [f"GPT training step on CPU ({os.cpu_count()} threads, torch {torch.__version__}); measured matmul peak: "
-         f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. MFU counts 6N + 12·L·C·T FLOPs per token.", "",
-         "| preset | params (non-emb.) | vocab | batch x tokens | dtype | s/step | tokens/s | MFU vs same-dtype peak |",
+lines = [f"GPT training step on CPU ({os.cpu_count()} threads, torch {torch.__version__}); measured matmul "
+         f"peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. MFU counts "
+         "6N + 12·L·C·T FLOPs per token.", "",
+         "| preset | params (non-emb.) | vocab | batch x tokens | dtype | s/step | tokens/s | MFU vs "
+         "same-dtype peak |",
          "|---|---|---|---|---|---|---|---|", *rows, "",
-         f"Where one `{preset}` step ({'bf16' if dtype else 'fp32'}) spends its time (self CPU time, top ops):", "",
+         f"Where one `{preset}` step ({'bf16' if dtype else 'fp32'}) spends its time (self CPU time, top "
+         "ops):", "",
          "| op | share |", "|---|---|", *top]
 open(args.out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines[-len(top) - 4:]))

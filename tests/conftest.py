@@ -17,14 +17,16 @@ def run_script(*args, nproc=None, check=True, env=None):
     launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run",
                                                        "--standalone", "--nproc_per_node", str(nproc)]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    p = subprocess.run(launcher + [os.path.join(ROOT, args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run(launcher + [os.path.join(ROOT, args[0]), *map(str, args[1:])], capture_output=True,
+                       text=True, env=env, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
 def make_image_folder(root, n_train=12, n_val=4, size=40, seed=0, corrupt=True):
-    """Two classes of synthetic pictures (bright disc / dark bars), different sizes, one corrupt file in train."""
+    """Two classes of synthetic pictures (bright disc / dark bars), different sizes, one corrupt file in
+    train."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         for c, name in enumerate(["bars", "disc"]):
@@ -51,7 +53,7 @@ def image_folder(tmp_path_factory):
 
 
 def make_token_files(out, n_train=64, n_val=16, grid=(4, 4), vocab=32, n_classes=3, seed=0):
-    """Token files in the DESIGN.md format with learnable structure: each class has its own token pattern."""
+    """Token files in the docs/FILES.md format with learnable structure: each class has its own token pattern."""
     import torch
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +65,8 @@ def make_token_files(out, n_train=64, n_val=16, grid=(4, 4), vocab=32, n_classes
         tokens[noise] = torch.randint(vocab, (int(noise.sum()),), generator=g)
         torch.save(dict(tokens=tokens.to(torch.int16), grid=grid, vocab_size=vocab, labels=labels,
                         classes=[f"c{i}" for i in range(n_classes)],
-                        data=dict(name="synthetic", root=None, split=split, index=torch.arange(n)), skipped=[],
-                        encoder="dinov2_vits14_offline", layer=9, image_size=14 * grid[0]), os.path.join(out, f"tokens_{split}.pt"))
+                        data=dict(name="synthetic", root=None, split=split, index=torch.arange(n)),
+                        skipped=[],
+                        encoder="dinov2_vits14_offline", layer=9, image_size=14 * grid[0]),
+                   os.path.join(out, f"tokens_{split}.pt"))
     return out

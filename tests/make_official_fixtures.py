@@ -47,11 +47,13 @@ def stand_ins():
 def images():
     gen = torch.Generator().manual_seed(SEED + 2)
     small = torch.rand(2, 3, 16, 16, generator=gen)  # smooth pictures: neighbouring patches share tokens
-    return (torch.nn.functional.interpolate(small, size=256, mode="bicubic", align_corners=False).clamp(0, 1) * 255).round() / 255
+    big = torch.nn.functional.interpolate(small, size=256, mode="bicubic", align_corners=False)
+    return (big.clamp(0, 1) * 255).round() / 255
 
 
 def fill(model, seed, half=False):
-    """Weights drawn from the seed (fixed_weights); rounded to fp16 and back when the model is stored whole."""
+    """Weights drawn from the seed (fixed_weights); rounded to fp16 and back when the model is stored
+    whole."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
     sd = fixed_weights(shapes, seed)
     if half:
@@ -61,7 +63,8 @@ def fill(model, seed, half=False):
 
 
 def lm_args(normalize_before, **extra):
-    """fairseq's transformer_lm defaults (base_lm_architecture) at a tiny size, as the official configs override."""
+    """fairseq's transformer_lm defaults (base_lm_architecture) at a tiny size, as the official configs
+    override."""
     from fairseq.models.transformer_lm import base_lm_architecture
     args = argparse.Namespace(decoder_embed_dim=128, decoder_output_dim=128, decoder_input_dim=128,
                               decoder_ffn_embed_dim=512, decoder_layers=2, decoder_attention_heads=2,
@@ -82,7 +85,8 @@ def dictionary(n):
 def tiny_dinov2():
     from fairseq_user.pretrained_enc.dino import vits
     enc = vits.DinoVisionTransformer(patch_size=14, embed_dim=128, depth=4, num_heads=2, mlp_ratio=4,
-                                     block_fn=partial(vits.NestedTensorBlock, attn_class=vits.MemEffAttention),
+                                     block_fn=partial(vits.NestedTensorBlock,
+                                                      attn_class=vits.MemEffAttention),
                                      num_register_tokens=4, init_values=1, block_chunks=0)
     return enc.eval()
 
@@ -90,7 +94,8 @@ def tiny_dinov2():
 def centroids_of(encoder, x):
     """[D, K] centroids (the official layout: transposed km_*.npy) near the pictures' patch features."""
     with torch.no_grad():
-        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        x = (x - mean[:, None, None]) / std[:, None, None]
         x = torch.nn.functional.interpolate(x, scale_factor=224 / 256, mode="bicubic")
         rep = encoder.get_intermediate_layers(x, 3)[0].flatten(0, 1)
     gen = torch.Generator().manual_seed(SEED + 1)
@@ -102,7 +107,8 @@ def stage1(class_conditional, half):
     from fairseq.models.transformer import Embedding, TransformerDecoder
     from fairseq_user.image_generation_stage1.model import STTransformerLanguageModel
     d = dictionary(K)
-    args = lm_args(False, class_conditional=class_conditional, pretrained_enc_config=types.SimpleNamespace(layer=3))
+    args = lm_args(False, class_conditional=class_conditional,
+                   pretrained_enc_config=types.SimpleNamespace(layer=3))
     emb = Embedding(len(d) + (N_CLS if class_conditional else 0), 128, d.pad())
     encoder = tiny_dinov2()
     x = images()
@@ -148,8 +154,10 @@ def stage2(nar):
     x = images()
     model.centroids.copy_(centroids_of(model.pretrained_encoder, x))
     model.centroid_norm.copy_((model.centroids ** 2).sum(0, keepdims=True))
-    z = model.vqgan.encoder(x).permute(0, 2, 3, 1).reshape(-1, 32)  # codes near the pictures' latents: varied ids
-    model.vqgan.quantize.embedding.weight.copy_(z[torch.randperm(len(z), generator=torch.Generator().manual_seed(5))[:32]])
+    # codes near the pictures' latents: varied ids
+    z = model.vqgan.encoder(x).permute(0, 2, 3, 1).reshape(-1, 32)
+    pick = torch.randperm(len(z), generator=torch.Generator().manual_seed(5))[:32]
+    model.vqgan.quantize.embedding.weight.copy_(z[pick])
     sem = model.prepare_semantic(x, None)
     codes = model.vqgan.encode(x)[2][2].reshape(2, -1)
     if nar:
@@ -163,7 +171,8 @@ def stage2(nar):
         masked = None
     return model, dict(shapes=shapes, seed=seed, centroids=model.centroids.clone(),
                        vq_codebook=model.vqgan.quantize.embedding.weight.clone(), images=x,
-                       tokens=sem - len(tgt_d) - src_d.nspecial, codes=codes, logits=logits, masked=masked, nar=nar)
+                       tokens=sem - len(tgt_d) - src_d.nspecial, codes=codes, logits=logits, masked=masked,
+                       nar=nar)
 
 
 def fairseq_checkpoint(model, name, path):
@@ -176,7 +185,8 @@ def fairseq_checkpoint(model, name, path):
     torch.save({"args": None, "cfg": cfg, "model": {k: v.half() if v.is_floating_point() else v
                                                     for k, v in model.state_dict().items()},
                 "optimizer_history": [{"criterion_name": "CE_Loss_LS", "num_updates": 10}],
-                "extra_state": {"epoch": 1, "val_loss": np.float64(3.25)}, "last_optimizer_state": None}, path)
+                "extra_state": {"epoch": 1, "val_loss": np.float64(3.25)}, "last_optimizer_state": None},
+               path)
 
 
 def main():
@@ -188,14 +198,15 @@ def main():
     import fairseq_user  # noqa: F401  (registers the official tasks and models)
     os.makedirs(FIXTURES, exist_ok=True)
     results = {}
-    for name, make in (("stage1_uncond", lambda: stage1(False, False)), ("stage1_cls", lambda: stage1(True, True)),
+    for name, make in (("stage1_uncond", lambda: stage1(False, False)),
+                       ("stage1_cls", lambda: stage1(True, True)),
                        ("stage2_ar", lambda: stage2(False)), ("stage2_nar", lambda: stage2(True))):
         model, fixture = make()
         results[name] = fixture
         if name == "stage1_cls":
             fairseq_checkpoint(model, "stlm", os.path.join(FIXTURES, "official_stage1_cls_fairseq.pt"))
-        print(f"{name}: {len(fixture['shapes'])} tensors, tokens {fixture['tokens'].unique().numel()} distinct of "
-              f"{fixture['tokens'].numel()}, logits {tuple(fixture['logits'].shape)}")
+        print(f"{name}: {len(fixture['shapes'])} tensors, tokens {fixture['tokens'].unique().numel()} "
+              f"distinct of {fixture['tokens'].numel()}, logits {tuple(fixture['logits'].shape)}")
     results["source"] = "DAMO-NLP-SG/DiGIT cd6d8ca with fairseq-fixed 0.12.3.1"
     torch.save(results, os.path.join(FIXTURES, "official_digit.pt"))
     for f in ("official_digit.pt", "official_stage1_cls_fairseq.pt"):

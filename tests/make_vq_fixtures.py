@@ -40,7 +40,8 @@ def fixed_weights(shapes, seed=SEED):
         if k.endswith("codebook_used"):
             sd[k] = torch.zeros(s)
         elif len(s) == 1:
-            sd[k] = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.1 * torch.randn(s, generator=gen)
+            base = 1.0 if "norm" in k and k.endswith("weight") else 0.0
+            sd[k] = base + 0.1 * torch.randn(s, generator=gen)
         else:
             sd[k] = torch.randn(s, generator=gen) / math.sqrt(math.prod(s[1:]))
     return sd
@@ -63,8 +64,8 @@ def mage(root):
     sys.path.insert(0, root)
     sys.modules["pytorch_lightning"] = types.SimpleNamespace(LightningModule=nn.Module)
     from taming.models.vqgan import VQModel
-    ddconfig = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
-                    num_res_blocks=2, attn_resolutions=[8], dropout=0.0)
+    ddconfig = dict(double_z=False, z_channels=16, resolution=32, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[8], dropout=0.0)
     model = VQModel(ddconfig=ddconfig, n_embed=64, embed_dim=16).eval()
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(fixed_weights(shapes))
@@ -77,27 +78,32 @@ def mage(root):
     ids = ids.view(2, -1)
     # decoding as MAGE's gen_img_uncond.py does: get_codebook_entry, then decode (its output is in [0, 1])
     pixels = model.decode(model.quantize.get_codebook_entry(ids.flatten(), shape=(2, 8, 8, 16)))
-    return dict(shapes=shapes, seed=SEED, codebook_key="quantize.embedding.weight", codebook=codebook, images=x,
-                ids=ids, pixels=pixels * 2 - 1, grid=(8, 8), source="LTH14/mage 1becb14, taming.models.vqgan.VQModel")
+    return dict(shapes=shapes, seed=SEED, codebook_key="quantize.embedding.weight", codebook=codebook,
+                images=x,
+                ids=ids, pixels=pixels * 2 - 1, grid=(8, 8),
+                source="LTH14/mage 1becb14, taming.models.vqgan.VQModel")
 
 
 @torch.no_grad()
 def llamagen(root):
     sys.path.insert(0, os.path.join(root, "tokenizer", "tokenizer_image"))
     from vq_model import ModelArgs, VQModel
-    model = VQModel(ModelArgs(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
-                              z_channels=32)).eval()
+    model = VQModel(ModelArgs(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2],
+                              decoder_ch_mult=[1, 2, 2], z_channels=32)).eval()
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(fixed_weights(shapes))
     x = inputs()
-    z = torch.nn.functional.normalize(model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    z = torch.nn.functional.normalize(model.quant_conv(model.encoder(x)).permute(0, 2, 3, 1).reshape(-1, 8),
+                                      dim=-1)
     codebook = codebook_from(z, 64)
     model.quantize.embedding.weight.copy_(codebook)
     quant, _, (_, _, ids) = model.encode(x)
     ids = ids.view(2, -1)
     pixels = model.decode_code(ids.flatten(), shape=(2, 8, 8, 8))  # as LlamaGen's samplers call it
-    return dict(shapes=shapes, seed=SEED, codebook_key="quantize.embedding.weight", codebook=codebook, images=x,
-                ids=ids, pixels=pixels, grid=(8, 8), source="FoundationVision/LlamaGen ce98ec4, tokenizer_image/vq_model.py")
+    return dict(shapes=shapes, seed=SEED, codebook_key="quantize.embedding.weight", codebook=codebook,
+                images=x,
+                ids=ids, pixels=pixels, grid=(8, 8),
+                source="FoundationVision/LlamaGen ce98ec4, tokenizer_image/vq_model.py")
 
 
 def main():
@@ -110,7 +116,8 @@ def main():
         fixture = make(root)
         path = os.path.join(FIXTURES, f"{name}_vq.pt")
         torch.save(fixture, path)
-        print(f"{path}: {os.path.getsize(path) / 1e3:.0f} kB, {len(fixture['ids'].unique())} distinct ids of {fixture['ids'].numel()}")
+        print(f"{path}: {os.path.getsize(path) / 1e3:.0f} kB, {len(fixture['ids'].unique())} distinct ids of "
+              f"{fixture['ids'].numel()}")
 
 
 if __name__ == "__main__":

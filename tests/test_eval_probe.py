@@ -1,19 +1,28 @@
-"""eval.py and probe.py: Frechet distance vs closed form, precision/recall, noise at a given SNR, probes, inputs."""
+"""eval.py and probe.py: Frechet distance vs closed form, precision/recall, noise at a given SNR, probes,
+inputs."""
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import make_token_files, run_script
-from eval import frechet_distance, gaussian_stats, inception_score, list_samples, load_images, precision_recall
+from eval import (frechet_distance, gaussian_stats, inception_score, list_samples, load_images,
+                  precision_recall)
 from probe import bag_of_tokens, gpt_features, probe_accuracy
 from train_gpt import GPT
 
 
+def draws(g, *shape, uniform=False):
+    """Two float64 draws of `shape` from generator g (normal, or uniform in [0.5, 1.5))."""
+    if uniform:
+        return [torch.rand(*shape, generator=g, dtype=torch.float64) + 0.5 for _ in range(2)]
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
 def test_frechet_distance_matches_closed_form():
     g = torch.Generator().manual_seed(0)
-    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
-    d1, d2 = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    mu1, mu2 = draws(g, 5)
+    d1, d2 = draws(g, 5, uniform=True)
     # diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(d1) - sqrt(d2))^2
     expected = float((mu1 - mu2).pow(2).sum() + (d1.sqrt() - d2.sqrt()).pow(2).sum())
     assert abs(frechet_distance(mu1, torch.diag(d1), mu2, torch.diag(d2)) - expected) < 1e-9
@@ -26,25 +35,28 @@ def test_frechet_distance_matches_closed_form():
 
 def test_inception_score_bounds():
     assert abs(inception_score(torch.full((50, 10), 0.1)) - 1) < 1e-9  # a uniform classifier: IS = 1
-    assert abs(inception_score(torch.eye(10).repeat(5, 1), splits=5) - 10) < 1e-6  # confident and balanced: IS = #classes
+    # confident and balanced: IS = #classes
+    assert abs(inception_score(torch.eye(10).repeat(5, 1), splits=5) - 10) < 1e-6
 
 
 def test_frechet_distance_matches_torch_fidelity_on_non_commuting_covariances():
-    """Random SPD covariances that do not commute (tr sqrt(S1 S2) != tr(S1^1/2 S2^1/2)) against torch-fidelity's formula."""
+    """Random SPD covariances that do not commute (tr sqrt(S1 S2) != tr(S1^1/2 S2^1/2)) against
+    torch-fidelity's formula."""
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
-    s1, s2 = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64), b @ b.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    s1, s2 = (a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64) for a in draws(g, 6, 6))
     assert not torch.allclose(s1 @ s2, s2 @ s1)
-    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    ref = fid_statistics_to_metric(dict(mu=mu1.numpy(), sigma=s1.numpy()), dict(mu=mu2.numpy(), sigma=s2.numpy()), False)
+    mu1, mu2 = draws(g, 6)
+    ref = fid_statistics_to_metric(dict(mu=mu1.numpy(), sigma=s1.numpy()),
+                                   dict(mu=mu2.numpy(), sigma=s2.numpy()), False)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref["frechet_inception_distance"], rel=1e-9)
 
 
 def test_frechet_distance_of_samples_converges():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(20000, 3, generator=g), torch.randn(20000, 3, generator=g) * 2 + 1
-    assert abs(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)) - (3 * 1 + 3 * 1)) < 0.1  # |mu|^2 = 3, (2-1)^2 x 3
+    # |mu|^2 = 3, (2-1)^2 x 3
+    assert abs(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)) - (3 * 1 + 3 * 1)) < 0.1
 
 
 def test_precision_recall():
@@ -58,13 +70,15 @@ def test_precision_recall():
 
 
 def test_precision_recall_radius_is_the_kth_neighbour_by_hand():
-    """1-D by hand, k = 1: real points 0, 1, 3, 6 have radii 1, 1, 2, 3 (distance to the nearest *other* point).
-    Fake 2.1 lies in the ball of 3 (|2.1 - 3| = 0.9 <= 2); fake 9.5 in none (|9.5 - 6| = 3.5 > 3; a radius to the
-    2nd neighbour, 5, would take it in). The two fakes' radii are 7.4 each, so every real point is covered."""
+    """1-D by hand, k = 1: real points 0, 1, 3, 6 have radii 1, 1, 2, 3 (distance to the nearest *other*
+    point). Fake 2.1 lies in the ball of 3 (|2.1 - 3| = 0.9 <= 2); fake 9.5 in none (|9.5 - 6| = 3.5 > 3; a
+    radius to the 2nd neighbour, 5, would take it in). The two fakes' radii are 7.4 each, so every real point
+    is covered."""
     real, fake = torch.tensor([[0.0], [1.0], [3.0], [6.0]]), torch.tensor([[2.1], [9.5]])
     p, r = precision_recall(real, fake, k=1)
     assert p == 0.5 and r == 1.0
-    p, r = precision_recall(real, torch.tensor([[2.1], [9.1]]), k=1)  # 9.1 is within 3.1 > 3 of 6: still outside
+    # 9.1 is within 3.1 > 3 of 6: still outside
+    p, r = precision_recall(real, torch.tensor([[2.1], [9.1]]), k=1)
     assert p == 0.5
     p, _ = precision_recall(real, torch.tensor([[2.1], [8.9]]), k=1)  # 2.9 <= 3: inside
     assert p == 1.0
@@ -76,7 +90,8 @@ def test_linear_probe_learns_separable_features():
     x = torch.randn(600, 16, generator=g)
     good = x.clone()
     good[:, 0] += 8 * y  # one informative direction, 8 standard deviations between classes
-    acc = probe_accuracy(torch.stack([good[:500], x[:500]]), y[:500], torch.stack([good[500:], x[500:]]), y[500:], 3, 30, 0.1, 64)
+    acc = probe_accuracy(torch.stack([good[:500], x[:500]]), y[:500], torch.stack([good[500:], x[500:]]),
+                         y[500:], 3, 30, 0.1, 64)
     assert acc[0] > 0.95 and acc[1] < 0.6  # the informative set is learned, pure noise is at chance
 
 
@@ -124,27 +139,35 @@ def test_probe_compare_gathers_runs_into_one_table_and_plot(tmp_path):
         d = tmp_path / str(k)
         d.mkdir()
         best = max(range(len(accs)), key=lambda i: accs[i])
-        json.dump(dict(k=k, tokenizer="digit", per_layer=accs, best_layer=best + 1, best_top1=accs[best]), open(d / "probe.json", "w"))
+        json.dump(dict(k=k, tokenizer="digit", per_layer=accs, best_layer=best + 1, best_top1=accs[best]),
+                  open(d / "probe.json", "w"))
     runs = probe.main(["--out", str(tmp_path), "--compare", str(tmp_path / "64"), str(tmp_path / "256")])
     assert [name for name, _ in runs] == ["K=64 (digit)", "K=256 (digit)"]
     table = (tmp_path / "probe_compare.md").read_text()
-    assert "| K=256 (digit) | 60.0 | 80.0 | 75.0 | 80.0 (layer 2) |" in table and "| K=64 (digit) | 50.0 | 70.0 | | 70.0 (layer 2) |" in table
+    assert "| K=256 (digit) | 60.0 | 80.0 | 75.0 | 80.0 (layer 2) |" in table
+    assert "| K=64 (digit) | 50.0 | 70.0 | | 70.0 (layer 2) |" in table
     assert (tmp_path / "probe_compare.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="probe.json not found"):
         probe.main(["--out", str(tmp_path), "--compare", str(tmp_path / "missing")])
 
 
 def test_report_puts_the_two_tokenizers_side_by_side(tmp_path):
-    """eval.py --report: the same-GPT table takes each column from its own results and says the losses are not comparable."""
+    """eval.py --report: the same-GPT table takes each column from its own results and says the losses are not
+    comparable."""
     import json
     import eval as evaluate
-    g = lambda fd, agree: dict(n_samples=100, n_real=500, fd_dinov2=fd, classifier_score=9.0, classifier_val_acc=0.95,
+    g = lambda fd, agree: dict(n_samples=100, n_real=500, fd_dinov2=fd, classifier_score=9.0,
+                               classifier_val_acc=0.95,
                                class_agreement=agree, precision=0.6, recall=0.7, feature="f")
-    results = dict(generative=g(110.0, 0.98), generative_vq=g(96.3, 0.89), rendered=g(86.9, 0.90), rendered_vq=g(72.5, 0.928))
-    json.dump(dict(k=1024, tokenizer="vq", per_layer=[0.8, 0.9], best_layer=2, best_top1=0.9), open(tmp_path / "probe_vq.json", "w"))
+    results = dict(generative=g(110.0, 0.98), generative_vq=g(96.3, 0.89), rendered=g(86.9, 0.90),
+                   rendered_vq=g(72.5, 0.928))
+    json.dump(dict(k=1024, tokenizer="vq", per_layer=[0.8, 0.9], best_layer=2, best_top1=0.9),
+              open(tmp_path / "probe_vq.json", "w"))
     evaluate.write_report(evaluate.get_args(["--out", str(tmp_path)]), results)
     text = (tmp_path / "report.md").read_text()
     assert "| FD_DINOv2 of the samples (lower is better) | 110.0 | 96.3 |" in text
     assert "| class agreement of the samples | 98.0% | 89.0% |" in text
-    assert "| linear probe, best GPT layer, val top-1 | - | 90.0% (layer 2) |" in text  # no probe.json for DiGIT here
-    assert "REAL tokens, FD_DINOv2 / recognised | 86.9 / 90.0% | 72.5 / 92.8% |" in text and "NOT comparable" in text
+    # no probe.json for DiGIT here
+    assert "| linear probe, best GPT layer, val top-1 | - | 90.0% (layer 2) |" in text
+    assert "REAL tokens, FD_DINOv2 / recognised | 86.9 / 90.0% | 72.5 / 92.8% |" in text
+    assert "NOT comparable" in text

@@ -40,7 +40,8 @@ def test_matches_scikit_learn_on_the_same_init(d, k):
     C, stats = kmeans(x, C0, iters=15, tol=0, verbose=False)
     km = KMeans(k, init=C0.numpy(), n_init=1, max_iter=15, tol=0, algorithm="lloyd").fit(x.numpy())
     sk_inertia = float(((x.numpy() - km.cluster_centers_[km.predict(x.numpy())]) ** 2).sum())
-    # the same algorithm from the same start: the same partition, inertia equal to float32 rounding (seen: ~2e-7)
+    # the same algorithm from the same start: the same partition, inertia equal to float32 rounding
+    # (seen: ~2e-7)
     assert torch.equal(nearest_centroid(x, C)[0], torch.from_numpy(km.predict(x.numpy())).long())
     assert abs(stats["inertia"] - sk_inertia) < 1e-5 * sk_inertia
     assert stats["inertia"] < 0.9 * float(nearest_centroid(x, C0)[1].sum())  # it did improve on the init
@@ -69,10 +70,11 @@ def test_too_many_clusters_is_an_error():
 
 
 def test_bf16_distances_reach_the_float32_inertia():
-    """Lloyd with bf16 assignment steps ends as close to float32's inertia (same init) as another init would; the
-    inertia and sizes it reports are computed in float32 for the centroids it returns."""
+    """Lloyd with bf16 assignment steps ends as close to float32's inertia (same init) as another init would;
+    the inertia and sizes it reports are computed in float32 for the centroids it returns."""
     x, _, _ = blobs(n_per=150, k=10, d=16, spread=1.0, seed=4)
-    x = x + 20  # a large common mean: without centring, bf16 distances lose the differences (seen: +3-4% inertia)
+    # a large common mean: without centring, bf16 distances lose the differences (seen: +3-4% inertia)
+    x = x + 20
     inits = [init_centroids(x, 20, "k-means++", seed=s) for s in (1, 2, 3)]
     i32 = [kmeans(x, C0, iters=10, tol=0, verbose=False)[1]["inertia"] for C0 in inits]
     runs = [kmeans(x, C0, iters=10, tol=0, verbose=False, dtype=torch.bfloat16) for C0 in inits]
@@ -89,7 +91,8 @@ def test_empty_cluster_is_split_from_the_largest():
     counts = torch.tensor([3.0, 50.0, 0.0, 7.0])
     out = split_empty(C.clone(), counts, torch.Generator().manual_seed(0))
     # the empty centroid and the largest cluster's become two points close to (10, 10); the others do not move
-    assert (out[2] - torch.tensor([10.0, 10.0])).norm() < 0.1 and (out[1] - torch.tensor([10.0, 10.0])).norm() < 0.1
+    target = torch.tensor([10.0, 10.0])
+    assert (out[2] - target).norm() < 0.1 and (out[1] - target).norm() < 0.1
     assert not torch.equal(out[1], out[2])
     assert torch.equal(out[0], C[0]) and torch.equal(out[3], C[3])
     assert counts.tolist() == [3.0, 25.0, 25.0, 7.0]

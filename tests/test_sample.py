@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from sample import filter_logits, generate
+from sample import generate
 from train_decoder import MaskGIT
 from vqgan import VQModel
-from train_gpt import GPT
+from train_gpt import GPT, filter_logits
 
 GRID, VOCAB, CLASSES = (3, 3), 20, ["zero", "one", "two"]
 
@@ -35,7 +35,8 @@ def test_cache_logits_match_full_forward():
     x, y = torch.randint(VOCAB, (2, 8)), torch.tensor([0, 2])
     full = model(x, y)
     cache = KVCache(model, 2)
-    steps = [model(x[:, :0], y, cache=cache)[:, -1]] + [model(x[:, t: t + 1], y, cache=cache)[:, -1] for t in range(8)]
+    steps = [model(x[:, :0], y, cache=cache)[:, -1]]
+    steps += [model(x[:, t: t + 1], y, cache=cache)[:, -1] for t in range(8)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -69,7 +70,8 @@ def test_filter_logits():
 
 
 def test_top_p_keeps_the_nucleus_of_unsorted_rows():
-    """Two rows holding the same probabilities in different orders: the kept ids follow each row's own order."""
+    """Two rows holding the same probabilities in different orders: the kept ids follow each row's own
+    order."""
     p = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = torch.log(torch.stack([p, p[[2, 0, 3, 1]]]))  # row 1: 0.15, 0.05, 0.3, 0.5
     kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
@@ -107,28 +109,34 @@ def test_temperature_and_top_k_shape_the_samples():
     logits = model(got[:, :-1], labels)  # the logits every token was drawn from
     top3 = logits.topk(3, dim=-1).indices
     assert (top3 == got[..., None]).any(-1).all()
-    assert not (logits.topk(1, dim=-1).indices[..., 0] == got).all()  # and it did sample, not just take the argmax
+    # and it did sample, not just take the argmax
+    assert not (logits.topk(1, dim=-1).indices[..., 0] == got).all()
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """gpt.pt, decoder.pt, vq.pt of tiny random models, in the format the training scripts write."""
     out = tmp_path_factory.mktemp("ckpt")
-    common = dict(grid=GRID, encoder="dinov2_vits14_offline", step=0, optimizer={}, config={"class_dropout": 0.1})
+    common = dict(grid=GRID, encoder="dinov2_vits14_offline", step=0, optimizer={},
+                  config={"class_dropout": 0.1})
     gpt_args = dict(vocab_size=VOCAB, block_size=9, n_classes=3, n_layer=2, n_embd=32, n_head=4)
-    torch.save(dict(model=GPT(**gpt_args).state_dict(), model_args=gpt_args, vocab_size=VOCAB, classes=CLASSES, **common), out / "gpt.pt")
+    torch.save(dict(model=GPT(**gpt_args).state_dict(), model_args=gpt_args, vocab_size=VOCAB,
+                    classes=CLASSES, **common), out / "gpt.pt")
     vq_args = dict(levels=2, channels=16, codes=16, code_dim=8)
-    torch.save(dict(model=VQModel(**vq_args).state_dict(), model_args=vq_args, pixel_size=12, **common), out / "vq.pt")
+    torch.save(dict(model=VQModel(**vq_args).state_dict(), model_args=vq_args, pixel_size=12, **common),
+               out / "vq.pt")
     dec_args = dict(digit_vocab=VOCAB, vq_codes=16, length=9, n_layer=1, n_embd=32, n_head=2)
-    torch.save(dict(model=MaskGIT(**dec_args).state_dict(), model_args=dec_args, digit_vocab=VOCAB, **common), out / "decoder.pt")
+    torch.save(dict(model=MaskGIT(**dec_args).state_dict(), model_args=dec_args, digit_vocab=VOCAB,
+                    **common), out / "decoder.pt")
     return out
 
 
 def test_cli_writes_grid_singles_and_tokens(checkpoints, tmp_path):
-    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path, "--class", "one,2", "--num-samples", "3",
-               "--top-k", "5", "--cfg-scale", "2", "--show-tokens")
+    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path, "--class", "one,2",
+               "--num-samples", "3", "--top-k", "5", "--cfg-scale", "2", "--show-tokens")
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.size == (2 + 3 * (12 + 2), 2 + 2 * (12 + 2))  # make_grid: 3 columns x 2 rows of 12 px, padding 2
+    # make_grid: 3 columns x 2 rows of 12 px, padding 2
+    assert grid.size == (2 + 3 * (12 + 2), 2 + 2 * (12 + 2))
     assert len([f for f in os.listdir(tmp_path) if f.endswith("_class1.png")]) == 3
     tok = torch.load(tmp_path / "tokens.pt", weights_only=True)
     assert tok["tokens"].shape == (6, 9) and tok["labels"].tolist() == [1, 1, 1, 2, 2, 2]
@@ -138,17 +146,21 @@ def test_cli_writes_grid_singles_and_tokens(checkpoints, tmp_path):
 def test_sharded_sampling_matches_one_process_and_resumes(checkpoints, tmp_path):
     """torchrun with 2 processes writes the same images as 1 (seeds per batch, not per rank); a rerun
     redoes only the batch whose part file is missing; other settings into the same folder are refused."""
-    args = ["--out", checkpoints, "--class", "0,1,2", "--num-samples", "3", "--batch-size", "2", "--top-k", "5", "--cfg-scale", "2"]
+    args = ["--out", checkpoints, "--class", "0,1,2", "--num-samples", "3", "--batch-size", "2", "--top-k",
+            "5", "--cfg-scale", "2"]
     run_script("sample.py", *args, "--samples-dir", tmp_path / "one")
     run_script("sample.py", *args, "--samples-dir", tmp_path / "two", nproc=2)
     one, two = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
     assert one.shape == (9, 12, 12, 3) and one.dtype == np.uint8 and np.array_equal(one, two)
     tok = [torch.load(tmp_path / d / "tokens.pt", weights_only=True) for d in ("one", "two")]
-    assert torch.equal(tok[0]["tokens"], tok[1]["tokens"]) and tok[0]["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert sorted(f for f in os.listdir(tmp_path / "two") if f.endswith("_class2.png")) == [f"0000{i}_class2.png" for i in (6, 7, 8)]
+    assert torch.equal(tok[0]["tokens"], tok[1]["tokens"])
+    assert tok[0]["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    class2 = sorted(f for f in os.listdir(tmp_path / "two") if f.endswith("_class2.png"))
+    assert class2 == [f"0000{i}_class2.png" for i in (6, 7, 8)]
 
     first = os.path.getmtime(tmp_path / "two" / "00000_class0.png")
-    os.remove(tmp_path / "two" / "parts" / "00000008.pt")  # as if killed while the last batch (sample 8) was running
+    # as if killed while the last batch (sample 8) was running
+    os.remove(tmp_path / "two" / "parts" / "00000008.pt")
     os.remove(tmp_path / "two" / "00008_class2.png")
     p = run_script("sample.py", *args, "--samples-dir", tmp_path / "two")
     assert "resumed" in p.stdout and os.path.getmtime(tmp_path / "two" / "00000_class0.png") == first
@@ -176,7 +188,8 @@ def test_cli_mismatched_and_missing_files(checkpoints, tmp_path):
     torch.save(dec, tmp_path / "decoder.pt")
     p = run_script("sample.py", "--out", tmp_path, check=False)
     line = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and "gpt.pt and" in line and "decoder.pt were made from different codebook sizes (digit_vocab 20 vs 99)" in line
+    assert p.returncode != 0 and "gpt.pt and" in line
+    assert "decoder.pt were made from different codebook sizes (digit_vocab 20 vs 99)" in line
 
 
 def test_cli_class_on_unconditional_model(checkpoints, tmp_path):
@@ -191,10 +204,11 @@ def test_cli_class_on_unconditional_model(checkpoints, tmp_path):
 
 
 def test_cli_renders_real_tokens(checkpoints, tmp_path):
-    tok = dict(tokens=torch.randint(VOCAB, (10, 9)), grid=GRID, vocab_size=VOCAB, labels=torch.arange(10) % 3, classes=CLASSES)
+    tok = dict(tokens=torch.randint(VOCAB, (10, 9)), grid=GRID, vocab_size=VOCAB,
+               labels=torch.arange(10) % 3, classes=CLASSES)
     torch.save(tok, tmp_path / "tokens_val.pt")
-    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path / "r", "--from-tokens", tmp_path / "tokens_val.pt",
-               "--num-samples", "4")
+    run_script("sample.py", "--out", checkpoints, "--samples-dir", tmp_path / "r", "--from-tokens",
+               tmp_path / "tokens_val.pt", "--num-samples", "4")
     saved = torch.load(tmp_path / "r" / "tokens.pt", weights_only=True)
     rows = [0, 3, 6, 9]  # spread over the file
     assert torch.equal(saved["tokens"], tok["tokens"][rows]) and saved["labels"].tolist() == [0, 0, 0, 0]

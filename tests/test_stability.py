@@ -1,4 +1,5 @@
-"""stability.py: the noise has the requested SNR, the fair protocol gives both tokenizers the same noisy image, the toy."""
+"""stability.py: the noise has the requested SNR, the fair protocol gives both tokenizers the same noisy
+image, the toy."""
 import torch
 
 import stability
@@ -38,7 +39,8 @@ def test_fair_protocol_gives_both_tokenizers_the_same_noisy_native_image():
     # the other protocol: each tokenizer gets its own noise at its own input size (so the images differ)
     toks = {"VQ": Recorder(32), "DiGIT": Recorder(112)}
     stability.measure(toks, images, [10], torch.Generator().manual_seed(0), "input")
-    assert all(torch.equal(x, y) for x, y in zip(toks["VQ"].seen, toks["DiGIT"].seen))  # prepare() saw clean images only
+    # prepare() saw clean images only
+    assert all(torch.equal(x, y) for x, y in zip(toks["VQ"].seen, toks["DiGIT"].seen))
 
 
 def test_toy_lda_beats_pca_and_noise_costs_accuracy():

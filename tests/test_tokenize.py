@@ -1,4 +1,5 @@
-"""tokenize_kmeans.py end to end on a tiny ImageFolder: the file contract, corrupt images, torchrun, bad input."""
+"""tokenize_kmeans.py end to end on a tiny ImageFolder: the file contract, corrupt images, torchrun, bad
+input."""
 import os
 
 import pytest
@@ -10,7 +11,8 @@ from data import MNIST5k, dataset_for_tokens, make_dataset
 from dinov2 import load_encoder
 from tokenize_kmeans import token_dtype
 
-TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers", "0", "--batch-size", "5", "--precision", "fp32"]
+TINY = ["--encoder", "dinov2_vits14_offline", "--image-size", "56", "--k", "16", "--iters", "5", "--workers",
+        "0", "--batch-size", "5", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def test_token_files_follow_design(tokenized):
     out, _ = tokenized
     cb = load(out, "codebook.pt")
     assert cb["centroids"].dtype == torch.float32 and cb["centroids"].shape == (16, 384)
-    assert cb["encoder"] == "dinov2_vits14_offline" and cb["layer"] == 9 and cb["image_size"] == 56 and cb["patch_size"] == 14
+    assert cb["encoder"] == "dinov2_vits14_offline" and cb["layer"] == 9
+    assert cb["image_size"] == 56 and cb["patch_size"] == 14
     assert {"iters", "init", "seed", "n_points", "inertia"} <= set(cb)
     for split, n in (("train", 24), ("val", 8)):
         t = load(out, f"tokens_{split}.pt")
@@ -50,21 +53,25 @@ def test_train_features_kept_from_the_fit_give_the_tokens_of_a_second_pass(image
     assert kept is not None  # 24 readable images: the fit encodes all of them
     again = tk.encode(model, train, list(range(len(train))), 9, args, cpu, 0, "again", cls=True)
     a, b = tk.tokenize_split(kept, centroids, cpu), tk.tokenize_split(again, centroids, cpu)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[4] == b[4] == [train.name(24)] and a[5] == b[5]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert a[4] == b[4] == [train.name(24)] and a[5] == b[5]
     torch.testing.assert_close(a[3], b[3])  # the images' descriptors (the feature cache) too
 
 
 def test_the_feature_cache_tokenize_writes_is_what_probe_and_eval_would_compute(tokenized, tmp_path):
-    """tokenize_kmeans.py writes the DINOv2 descriptors (block-9 patches mean-pooled | final CLS) of every image it
-    encoded anyway; dinov2_features computing them afresh gives the same (cached = uncached)."""
+    """tokenize_kmeans.py writes the DINOv2 descriptors (block-9 patches mean-pooled | final CLS) of every
+    image it encoded anyway; dinov2_features computing them afresh gives the same (cached = uncached)."""
     from dinov2 import dinov2_features, feature_cache
     out, _ = tokenized
     for split in ("train", "val"):
         tok = load(out, f"tokens_{split}.pt")
-        cached = torch.load(feature_cache(tok, tok["encoder"], tok["image_size"], tok["layer"], None, out), weights_only=True)
-        fresh = dinov2_features(tok, tok["encoder"], tok["image_size"], tok["layer"], 8, torch.device("cpu"), str(tmp_path))
+        cached = torch.load(feature_cache(tok, tok["encoder"], tok["image_size"], tok["layer"], None, out),
+                            weights_only=True)
+        fresh = dinov2_features(tok, tok["encoder"], tok["image_size"], tok["layer"], 8, torch.device("cpu"),
+                                str(tmp_path))
         assert cached["features"].shape == (len(tok["tokens"]), 2 * 384)
-        torch.testing.assert_close(cached["features"], torch.cat([fresh["pooled"], fresh["cls"]], 1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cached["features"], torch.cat([fresh["pooled"], fresh["cls"]], 1),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_corrupt_image_is_skipped_and_named(tokenized):
@@ -91,16 +98,19 @@ def test_codebook_is_reused_unless_settings_change(tokenized, image_folder, tmp_
     p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", out, *TINY)
     assert "reusing" in p.stdout
     assert torch.equal(before, load(out, "codebook.pt")["centroids"])
-    # a copy of the run, then: a changed setting is refused (everything trained on the tokens would be orphaned)
+    # a copy of the run, then: a changed setting is refused (everything trained on the tokens would be
+    # orphaned)
     # and nothing is touched; --refit fits again
     for name in ("codebook.pt", "tokens_train.pt", "tokens_val.pt"):
         os.link(os.path.join(out, name), tmp_path / name)
     stamps = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)}
     for change in (["--iters", "2"], ["--seed", "1"]):
-        p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, *change, check=False)
+        p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, *change,
+                       check=False)
         assert p.returncode != 0 and "fitted with other settings" in p.stderr and "--refit" in p.stderr
     assert {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)} == stamps
-    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2", "--refit")
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--iters", "2",
+                   "--refit")
     assert "reusing" not in p.stdout and "codebook: inertia" in p.stdout
     assert load(tmp_path, "codebook.pt")["fit_config"]["iters"] == 2
 
@@ -119,8 +129,8 @@ def test_two_processes_match_one(tokenized, image_folder, tmp_path):
 
 
 def test_mnist_split_is_fixed_and_stratified():
-    tr, va = MNIST5k("train", lambda x: x, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))), None
-    va = MNIST5k("val", lambda x: x, os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit")))
+    cache = os.environ.get("DIGIT_CACHE", os.path.expanduser("~/.cache/digit"))
+    tr, va = MNIST5k("train", lambda x: x, cache), MNIST5k("val", lambda x: x, cache)
     assert len(tr) == 4500 and len(va) == 500
     assert torch.bincount(torch.from_numpy(va.labels)).tolist() == [50] * 10
     img, label = va[0]
@@ -131,7 +141,8 @@ def test_mnist_split_is_fixed_and_stratified():
 
 
 def test_token_dtype():
-    assert token_dtype(256) == torch.uint8 and token_dtype(257) == torch.int16 and token_dtype(8192) == torch.int16
+    assert token_dtype(256) == torch.uint8 and token_dtype(257) == torch.int16
+    assert token_dtype(8192) == torch.int16
     assert token_dtype(40000) == torch.int32
 
 
@@ -144,9 +155,11 @@ def test_token_dtype():
     (["--encoder", "dinov3_vit"], "unknown encoder 'dinov3_vit'"),  # the last of several --encoder wins
 ])
 def test_bad_input_is_a_one_line_error(args, message, image_folder, tmp_path, capsys):
-    """In-process (fail() is SystemExit with a one-line message; argparse prints its own line and exits with 2)."""
+    """In-process (fail() is SystemExit with a one-line message; argparse prints its own line and exits with
+    2)."""
     out = tmp_path / "out"
-    base = ["--data", image_folder, "--encoder", "dinov2_vits14_offline", "--image-size", "56", "--workers", "0"]
+    base = ["--data", image_folder, "--encoder", "dinov2_vits14_offline", "--image-size", "56", "--workers",
+            "0"]
     with pytest.raises(SystemExit) as e:
         tk.main([*base, *args, "--out", str(out)])
     said = str(e.value) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
@@ -171,8 +184,9 @@ def test_gallery_draws_patches_of_codes(tokenized):
 
 
 def test_views_are_shifts_and_mirrors_and_view_0_is_the_plain_image(image_folder):
-    """The official augmentation at fixed points: view 0 the centre crop, then crops shifted along the longer side
-    and their mirrors, never a zoom; the official tokenizer input (--crop-size 256): a 256 px crop resized to 224."""
+    """The official augmentation at fixed points: view 0 the centre crop, then crops shifted along the longer
+    side and their mirrors, never a zoom; the official tokenizer input (--crop-size 256): a 256 px crop
+    resized to 224."""
     import torch.nn.functional as F
     from data import image_transform, max_views, view_transform
     from PIL import Image
@@ -182,7 +196,8 @@ def test_views_are_shifts_and_mirrors_and_view_0_is_the_plain_image(image_folder
     img = Image.fromarray(ramp)
     plain = image_transform(56)(img)
     assert torch.equal(view_transform(56, 0, True)(img), plain)
-    assert torch.equal(view_transform(56, 1, True)(img), plain.flip(-1))  # with flips: view 1 is the mirror image
+    # with flips: view 1 is the mirror image
+    assert torch.equal(view_transform(56, 1, True)(img), plain.flip(-1))
     views = [view_transform(56, v, True)(img) for v in range(max_views(True))]
     assert all(v.shape == plain.shape for v in views) and len(views) == 10
     left = views[2]  # offset 0: the crop at the left edge holds the whole bar
@@ -190,29 +205,32 @@ def test_views_are_shifts_and_mirrors_and_view_0_is_the_plain_image(image_folder
     assert all(not torch.equal(views[a], views[b]) for a in range(0, 10, 2) for b in range(a + 2, 10, 2))
     t = image_transform(14, crop=16)(img)  # resize the shorter side to 16, crop 16, then 14 px bicubic
     big = image_transform(16)(img)
-    torch.testing.assert_close(t, F.interpolate(big[None], size=(14, 14), mode="bicubic", align_corners=False)[0])
+    small = F.interpolate(big[None], size=(14, 14), mode="bicubic", align_corners=False)[0]
+    torch.testing.assert_close(t, small)
 
 
 def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
-    """--views 3 reuses the codebook (the fit is unchanged), stores train tokens [N, 3, h*w] whose view 0 is the
-    plain tokens, leaves val alone; train_gpt.py trains on the views, probe and sample read view 0."""
+    """--views 3 reuses the codebook (the fit is unchanged), stores train tokens [N, 3, h*w] whose view 0 is
+    the plain tokens, leaves val alone; train_gpt.py trains on the views, probe and sample read view 0."""
     out, _ = tokenized
     for name in ("codebook.pt",):
         os.link(os.path.join(out, name), tmp_path / name)
     p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "3")
     assert "reusing" in p.stdout
     plain, views = load(out, "tokens_train.pt"), load(tmp_path, "tokens_train.pt")
-    assert views["tokens"].shape == (len(plain["tokens"]), 3, plain["tokens"].shape[1]) and views["views"] == 3
+    assert views["tokens"].shape == (len(plain["tokens"]), 3,
+                                     plain["tokens"].shape[1]) and views["views"] == 3
     assert views["view_flips"] is True  # an ImageFolder: mirrored views
     assert torch.equal(views["tokens"][:, 0], plain["tokens"])
     assert not torch.equal(views["tokens"][:, 1], plain["tokens"])  # the mirrored images have other tokens
     assert not torch.equal(views["tokens"][:, 2], plain["tokens"])  # and the shifted crops
     assert torch.equal(load(tmp_path, "tokens_val.pt")["tokens"], load(out, "tokens_val.pt")["tokens"])
     from data import load_tokens
-    assert torch.equal(load_tokens(str(tmp_path), "train")["tokens"], plain["tokens"])  # what probe/eval/decoders read
+    # what probe/eval/decoders read
+    assert torch.equal(load_tokens(str(tmp_path), "train")["tokens"], plain["tokens"])
     import train_gpt
-    train_gpt.main(["--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32",
-                    "--eval-interval", "2", "--eval-batches", "1"])
+    train_gpt.main(["--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1",
+                    "--precision", "fp32", "--eval-interval", "2", "--eval-batches", "1"])
     assert torch.load(tmp_path / "gpt.pt", weights_only=True)["views"] == 3
     import probe
     probe.main(["--out", str(tmp_path), "--epochs", "1", "--device", "cpu"])
@@ -223,6 +241,8 @@ def test_token_views_end_to_end(tokenized, image_folder, tmp_path):
     x, t, _ = ds[1 * 3 + 2]
     where, flip = view_geometry(2, True)
     assert torch.equal(t, views["tokens"][1, 2].long())
-    assert torch.equal(x, pixel_transform(16, where=where, flip=flip)(dataset_for_tokens(views, transform=unchanged)[1][0]))
-    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "6", "--no-view-flips", check=False)
+    image = dataset_for_tokens(views, transform=unchanged)[1][0]
+    assert torch.equal(x, pixel_transform(16, where=where, flip=flip)(image))
+    p = run_script("tokenize_kmeans.py", "--data", image_folder, "--out", tmp_path, *TINY, "--views", "6",
+                   "--no-view-flips", check=False)
     assert p.returncode != 0 and "--views 6: at most 5 without flips" in p.stderr

@@ -1,5 +1,5 @@
-"""train_vq.py and train_decoder.py: the mask schedule, MaskGIT and AR decoding, the VQ's straight-through gradient,
-learning, checkpoints, the whole chain on a tiny run."""
+"""train_vq.py and train_decoder.py: the mask schedule, MaskGIT and AR decoding, the VQ's straight-through
+gradient, learning, checkpoints, the whole chain on a tiny run."""
 import os
 
 import pytest
@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import make_image_folder, run_script
 import train_decoder
+import train_direct
 import train_vq
 from train_decoder import MaskGIT, decode, mask_count, random_mask
 from train_vq import psnr
@@ -53,8 +54,8 @@ def test_decode_unmasks_along_the_cosine_schedule():
 
 
 def test_decode_keeps_the_most_confident_tokens_first():
-    """Stub logits: positions 2 and 5 are certain (one id has all the mass), the rest uniform. With no Gumbel noise
-    the first step must keep exactly the certain ones when the schedule keeps two."""
+    """Stub logits: positions 2 and 5 are certain (one id has all the mass), the rest uniform. With no Gumbel
+    noise the first step must keep exactly the certain ones when the schedule keeps two."""
     model = tiny_maskgit()
     seen = []
 
@@ -68,13 +69,14 @@ def test_decode_keeps_the_most_confident_tokens_first():
     after_first = seen[1] != model.mask_id  # 9 - floor(cos(pi/8) * 9) = 1 ... the schedule keeps 1 at step 1
     assert after_first.sum(1).tolist() == [1, 1, 1]
     assert all(row.nonzero().flatten().tolist()[0] in (2, 5) for row in after_first)
-    after_second = seen[2] != model.mask_id  # 9 - floor(cos(pi/4) * 9) = 3 known: both certain ones among them
+    # 9 - floor(cos(pi/4) * 9) = 3 known: both certain ones among them
+    after_second = seen[2] != model.mask_id
     assert after_second[:, 2].all() and after_second[:, 5].all()
 
 
 def test_maskgit_attends_both_ways():
-    """A bidirectional decoder: changing a later VQ token changes the logits of an earlier position (and a DiGIT token
-    changes every position)."""
+    """A bidirectional decoder: changing a later VQ token changes the logits of an earlier position (and a
+    DiGIT token changes every position)."""
     model = tiny_maskgit()
     digit, vq = torch.randint(16, (1, 9)), torch.randint(12, (1, 9))
     base = model(digit, vq)
@@ -92,7 +94,8 @@ def test_straight_through_gradient_reaches_the_encoder():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     rec, ids, cb, commit, _ = vq(x)
     assert rec.shape == x.shape and ids.shape == (2, 16)
-    F.mse_loss(rec, x).backward()  # the reconstruction loss alone: only the straight-through path links it to the encoder
+    # the reconstruction loss alone: only the straight-through path links it to the encoder
+    F.mse_loss(rec, x).backward()
     assert vq.encoder[0].weight.grad is not None and vq.encoder[0].weight.grad.abs().sum() > 0
     assert vq.codebook.weight.grad is None or vq.codebook.weight.grad.abs().sum() == 0
 
@@ -112,7 +115,8 @@ def test_tiny_vq_overfits_a_few_images():
     vq = VQModel(levels=2, channels=16, codes=64, code_dim=8)
     g = torch.Generator().manual_seed(0)
     # four smooth pictures (blurred noise), the kind of content an 8x8 latent grid can hold
-    x = F.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(16, 16), mode="bilinear", align_corners=False)
+    x = F.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(16, 16), mode="bilinear",
+                      align_corners=False)
     opt = torch.optim.Adam(vq.parameters(), lr=3e-3)
     for _ in range(300):
         rec, _, cb, commit, _ = vq(x)
@@ -130,13 +134,17 @@ def decoder_out(tmp_path_factory):
     """tokenize -> vq -> maskgit on a tiny ImageFolder, a few steps each (the whole CLI path)."""
     root = make_image_folder(str(tmp_path_factory.mktemp("imgs")), n_train=8, n_val=4, corrupt=False)
     out = str(tmp_path_factory.mktemp("out"))
-    run_script("tokenize_kmeans.py", "--data", root, "--out", out, "--encoder", "dinov2_vits14_offline", "--image-size", "56",
-               "--k", "8", "--iters", "3", "--workers", "0", "--precision", "fp32")
-    common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "8"]
-    run_script("train_vq.py", "--max-steps", "3", "--vq-channels", "16", "--vq-codes", "32", "--perceptual", "0.1", *common)
+    run_script("tokenize_kmeans.py", "--data", root, "--out", out, "--encoder", "dinov2_vits14_offline",
+               "--image-size", "56", "--k", "8", "--iters", "3", "--workers", "0", "--precision", "fp32")
+    common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images",
+              "8"]
+    run_script("train_vq.py", "--max-steps", "3", "--vq-channels", "16", "--vq-codes", "32", "--perceptual",
+               "0.1", *common)
     run_script("train_decoder.py", "--stage", "maskgit", "--max-steps", "3", "--n-layer", "1", *common)
-    run_script("train_decoder.py", "--stage", "ar", "--max-steps", "3", "--n-layer", "1", "--dropout", "0.1", *common)
-    train_decoder.main(["--stage", "direct", "--max-steps", "3", "--n-layer", "1", "--perceptual", "0", *common])
+    run_script("train_decoder.py", "--stage", "ar", "--max-steps", "3", "--n-layer", "1", "--dropout", "0.1",
+               *common)
+    train_decoder.main(["--stage", "direct", "--max-steps", "3", "--n-layer", "1", "--perceptual", "0",
+                        *common])
     return out
 
 
@@ -148,7 +156,8 @@ def test_checkpoints_round_trip(decoder_out):
     assert vq_ck["step"] == 3 and dec_ck["step"] == 3
     assert vq_ck["pixel_size"] == 16 and tuple(vq_ck["grid"]) == (4, 4)  # 4 x grid side for small grids
     assert dec_ck["model_args"]["vq_codes"] == 32 and dec_ck["model_args"]["digit_vocab"] == 8
-    assert {"psnr", "codes_used", "perplexity"} <= set(vq_ck["metrics"]) and {"vq_token_acc", "psnr"} <= set(dec_ck["metrics"])
+    assert {"psnr", "codes_used", "perplexity"} <= set(vq_ck["metrics"])
+    assert {"vq_token_acc", "psnr"} <= set(dec_ck["metrics"])
     assert os.path.getsize(os.path.join(decoder_out, "decoder_val.png")) > 0
 
 
@@ -171,31 +180,35 @@ def test_bad_inputs(decoder_out, tmp_path):
 def test_whole_chain_gpt_sample_eval_sweep(decoder_out):
     """tokens -> GPT -> sample.py -> eval.py --sweep --report on the tiny run: every stage fits the next."""
     import json
-    run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32")
+    run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4", "--n-layer",
+               "1", "--precision", "fp32")
     run_script("eval.py", "--out", decoder_out, "--sweep", "top-k", "--values", "1,0", "--sweep-samples", "2",
                    "--fd-size", "28", "--report")
     res = json.load(open(os.path.join(decoder_out, "eval.json")))["sweep"]
     assert res["setting"] == "top-k" and [r["value"] for r in res["rows"]] == [1.0, 0.0]
     assert all(r["n_samples"] == 4 for r in res["rows"])
-    # each value was really used: greedy (top-k 1) samples differ from full-distribution ones with the same seed
+    # each value was really used: greedy (top-k 1) samples differ from full-distribution ones with the same
+    # seed
     sweep = os.path.join(decoder_out, "sweep")
-    greedy, full = (torch.load(os.path.join(sweep, f"top-k_{v}", "tokens.pt"), weights_only=True)["tokens"] for v in ("1", "0"))
+    greedy, full = (torch.load(os.path.join(sweep, f"top-k_{v}", "tokens.pt"),
+                               weights_only=True)["tokens"] for v in ("1", "0"))
     assert not torch.equal(greedy, full) and res["rows"][0]["fd_dinov2"] != res["rows"][1]["fd_dinov2"]
     assert "## Sampling sweep: top-k" in open(os.path.join(decoder_out, "report.md")).read()
 
 
 def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
-    """probe.py's DINOv2 baseline and eval.py's reference share one cached pass when the extractor is the tokenizer's;
-    under torchrun both shard their features over the ranks and get what one process gets."""
+    """probe.py's DINOv2 baseline and eval.py's reference share one cached pass when the extractor is the
+    tokenizer's; under torchrun both shard their features over the ranks and get what one process gets."""
     import glob
     import json
     import torch_fidelity
     from torchvision import transforms
     if not os.path.exists(os.path.join(decoder_out, "gpt.pt")):
-        run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32")
+        run_script("train_gpt.py", "--out", decoder_out, "--max-steps", "2", "--batch-size", "4",
+                   "--n-layer", "1", "--precision", "fp32")
     rendered = tmp_path / "rendered"
-    run_script("sample.py", "--out", decoder_out, "--from-tokens", os.path.join(decoder_out, "tokens_val.pt"), "--num-samples", "4",
-               "--samples-dir", rendered)
+    run_script("sample.py", "--out", decoder_out, "--from-tokens", os.path.join(decoder_out, "tokens_val.pt"),
+               "--num-samples", "4", "--samples-dir", rendered)
     for f in glob.glob(os.path.join(decoder_out, "features_*.pt")):
         os.remove(f)
     run_script("probe.py", "--out", decoder_out, "--epochs", "2", "--precision", "fp32", nproc=2)
@@ -209,37 +222,44 @@ def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
     for f, two in zip(cached, two_procs):
         one = torch.load(f, weights_only=True)["features"]
         assert one.shape == (8 if "val" in f else 16, 2 * 384)
-        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)  # fp32: only the batch shapes differ per rank
+        # fp32: only the batch shapes differ per rank
+        torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)
     # the GPT's layer features and the probes on them too: the same accuracies with 1 and 2 processes
     assert json.load(open(os.path.join(decoder_out, "probe.json")))["top1"] == two_probe["top1"]
 
     stamps = [os.path.getmtime(f) for f in cached]
-    offline = dict(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # torch-fidelity's download fails at once
-    p = run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--precision", "fp32", env=offline)
+    # torch-fidelity's download fails at once
+    offline = dict(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    p = run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--precision",
+                   "fp32", env=offline)
     assert "FID/IS skipped" in p.stderr  # --inception auto: no weights, a note, the DINOv2 scores still come
     assert [os.path.getmtime(f) for f in cached] == stamps  # reused, not recomputed
     one = json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]
     assert one["n_samples"] == 4 and "fid" not in one
-    p = run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--inception", "on", env=offline, check=False)
+    p = run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--inception", "on", env=offline,
+                   check=False)
     assert p.returncode != 0 and "Inception weights did not load" in p.stderr and "Traceback" not in p.stderr
 
-    # With a weights file (random weights of the same network: the wiring, not the numbers) FID and IS come from
-    # torch-fidelity, on exactly the images the README names: the sample PNGs, and the val images resized
-    # (shorter side, bilinear as the official prepare_imgnet_val.py) and centre-cropped to the samples' size. The reference reads both sets itself.
+    # With a weights file (random weights of the same network: the wiring, not the numbers) FID and IS come
+    # from torch-fidelity, on exactly the images the README names: the sample PNGs, and the val images
+    # resized (shorter side, bilinear as the official prepare_imgnet_val.py) and centre-cropped to the
+    # samples' size. The reference reads both sets itself.
     torch.save(random_inception_weights(), tmp_path / "inception.pth")
-    run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--precision", "fp32", "--inception", "on",
-               "--inception-weights", tmp_path / "inception.pth", nproc=2)
+    run_script("eval.py", "--out", decoder_out, "--rendered", rendered, "--fd-size", "56", "--precision",
+               "fp32", "--inception", "on", "--inception-weights", tmp_path / "inception.pth", nproc=2)
     two = json.load(open(os.path.join(decoder_out, "eval.json")))["rendered"]
-    assert two["fd_dinov2"] == pytest.approx(one["fd_dinov2"], rel=1e-4)  # 2 processes, fp32: the same features
+    # 2 processes, fp32: the same features
+    assert two["fd_dinov2"] == pytest.approx(one["fd_dinov2"], rel=1e-4)
     samples = sorted(glob.glob(os.path.join(rendered, "0*.png")))
     size = Image.open(samples[0]).size[0]
-    crop = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(size),
-                               transforms.PILToTensor()])
+    crop = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR),
+                               transforms.CenterCrop(size), transforms.PILToTensor()])
     val_root = torch.load(os.path.join(decoder_out, "tokens_val.pt"), weights_only=True)["data"]["root"]
     val_files = sorted(glob.glob(os.path.join(val_root, "val", "*", "*.png")))
     ref = torch_fidelity.calculate_metrics(
         input1=Images([transforms.PILToTensor()(Image.open(f).convert("RGB")) for f in samples]),
-        input2=Images([crop(Image.open(f).convert("RGB")) for f in val_files]), fid=True, isc=True, isc_splits=1, verbose=False,
+        input2=Images([crop(Image.open(f).convert("RGB")) for f in val_files]), fid=True, isc=True,
+                                           isc_splits=1, verbose=False,
         feature_extractor_weights_path=str(tmp_path / "inception.pth"), save_cpu_ram=True, cuda=False)
     assert len(val_files) == two["n_real"] and ref["frechet_inception_distance"] > 1e-3
     assert two["fid"] == pytest.approx(ref["frechet_inception_distance"], rel=1e-4)
@@ -263,7 +283,8 @@ def random_inception_weights(seed=0):
     """Weights for torch-fidelity's Inception-v3 (torchvision's layout, 1008 classes), He-initialised so that
     features stay O(1) through BatchNorm's default running statistics."""
     torch.manual_seed(seed)
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                                          init_weights=False)
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight)
@@ -280,20 +301,25 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
         out.mkdir()
         for f in ("tokens_train.pt", "tokens_val.pt"):
             os.link(os.path.join(decoder_out, f), out / f)
-        # no warm-up: the weights move by ~lr per step, far more than the tolerance, so equal weights mean something
-        common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4", "--max-steps", "4",
-                  "--warmup-steps", "0"]
+        # no warm-up: the weights move by ~lr per step, far more than the tolerance, so equal weights mean
+        # something
+        common = ["--out", out, "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+                  "--eval-images", "4", "--max-steps", "4", "--warmup-steps", "0"]
         run_script("train_vq.py", "--vq-channels", "16", "--vq-codes", "64", "--perceptual", "0",
-                   "--restart-interval", "2", "--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1", *common, nproc=nproc)
+                   "--restart-interval", "2", "--disc-weight", "0.5", "--disc-start", "2", "--disc-layers",
+                   "1", *common, nproc=nproc)
         run_script("train_decoder.py", "--stage", "maskgit", "--n-layer", "1", *common, nproc=nproc)
-        os.remove(out / "vq_tokens_train.pt")  # the AR decoder encodes the images itself: both paths run under torchrun
+        # the AR decoder encodes the images itself: both paths run under torchrun
+        os.remove(out / "vq_tokens_train.pt")
         # (no --dropout: each rank draws dropout for its own rows from its own generator, as in any DDP run)
         run_script("train_decoder.py", "--stage", "ar", "--n-layer", "1", *common, nproc=nproc)
-        runs[nproc] = [torch.load(out / f, weights_only=True) for f in ("vq.pt", "decoder.pt", "decoder_ar.pt")]
+        runs[nproc] = [torch.load(out / f, weights_only=True)
+                       for f in ("vq.pt", "decoder.pt", "decoder_ar.pt")]
     for one, two in zip(runs[None], runs[2]):
         assert two["history"] == pytest.approx(one["history"], rel=1e-4)
-        # the all-reduce sums in another order (~1e-7), and Adam's early steps (~lr = 1e-3 per weight, whatever the
-        # gradient's size) can enlarge that to ~1e-5; another batch or mask would move weights by ~1e-3
+        # the all-reduce sums in another order (~1e-7), and Adam's early steps (~lr = 1e-3 per weight,
+        # whatever the gradient's size) can enlarge that to ~1e-5; another batch or mask would move weights
+        # by ~1e-3
         for k in one["model"]:
             torch.testing.assert_close(two["model"][k], one["model"][k], rtol=1e-3, atol=1e-4)
     assert runs[2][0]["disc_history"] == pytest.approx(runs[None][0]["disc_history"], rel=1e-4)
@@ -303,10 +329,10 @@ def test_decoder_two_processes_match_one(decoder_out, tmp_path):
 
 @pytest.mark.parametrize("stage", ["vq", "vq+gan", "maskgit", "ar", "direct", "direct+gan"])
 def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
-    """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes every
-    2 steps, so the code-use counts since the last restart must survive the checkpoint; with the GAN the
+    """6 steps straight == 3 steps, then --resume to 6: same losses and weights (the VQ restarts dead codes
+    every 2 steps, so the code-use counts since the last restart must survive the checkpoint; with the GAN the
     discriminator, its optimizer and its losses too)."""
-    gan = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1"] if stage.endswith("+gan") else []
+    gan = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "1"] if "+gan" in stage else []
     stage = stage.split("+")[0]
     runs = {}
     for name in ("straight", "parts"):
@@ -314,20 +340,27 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
         out.mkdir()
         for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "codebook.pt"):
             os.link(os.path.join(decoder_out, f), out / f)
-        args = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4",
-                "--schedule", "constant", "--warmup-steps", "0", "--perceptual", "0", "--eval-interval", "100", *gan]
+        args = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+                "--eval-images", "4", "--schedule", "constant", "--warmup-steps", "0",
+                "--eval-interval", "100", *gan]
         if stage == "vq":
-            main, args = train_vq.main, [*args, "--vq-channels", "16", "--vq-codes", "32", "--restart-interval", "2"]
+            main = train_vq.main
+            args += ["--vq-channels", "16", "--vq-codes", "32", "--restart-interval", "2",
+                     "--perceptual", "0"]
+        elif stage == "direct":
+            main = train_direct.main
+            args += ["--n-layer", "1", "--token-corruption", "0.25", "--perceptual", "0"]
         else:
-            main, args = train_decoder.main, ["--stage", stage, *args, "--n-layer", "1", "--token-corruption", "0.25",
-                                              "--dropout", "0" if stage == "direct" else "0.1"]
+            main = train_decoder.main
+            args += ["--stage", stage, "--n-layer", "1", "--dropout", "0.1"]
         if name == "straight":
             main([*args, "--max-steps", "6", "--force"])
         else:
             main([*args, "--max-steps", "3", "--force"])
             torch.manual_seed(123)  # whatever ran in between: the checkpoint's random state takes over
             main([*args, "--max-steps", "6", "--resume"])
-        runs[name] = torch.load(out / {"vq": "vq.pt", "maskgit": "decoder.pt", "ar": "decoder_ar.pt", "direct": "direct.pt"}[stage],
+        runs[name] = torch.load(out / {"vq": "vq.pt", "maskgit": "decoder.pt", "ar": "decoder_ar.pt",
+                                       "direct": "direct.pt"}[stage],
                                 weights_only=True)
     a, b = runs["straight"], runs["parts"]
     assert b["step"] == a["step"] == 6
@@ -341,8 +374,8 @@ def test_decoder_resume_continues_exactly(decoder_out, tmp_path, stage):
 
 
 def test_latent_stability_on_the_tiny_run(decoder_out, tmp_path):
-    """stability.py on the tiny run: noise far below the signal changes nothing, the change rate grows as the SNR
-    falls (both tokenizers), and the report files are written."""
+    """stability.py on the tiny run: noise far below the signal changes nothing, the change rate grows as the
+    SNR falls (both tokenizers), and the report files are written."""
     import stability
     out = tmp_path / "out"
     out.mkdir()
@@ -361,9 +394,10 @@ def test_latent_stability_on_the_tiny_run(decoder_out, tmp_path):
 
 
 def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_on_them(decoder_out, tmp_path):
-    """The paper's baseline tokens: stage vq writes the VQ's codes of the same rows as the DiGIT token files (same labels,
-    data, grid; ids = vq_encode of the images); train_gpt.py --tokenizer vq trains the same GPT on them; sample.py paints
-    its ids with the VQ decoder directly (no MaskGIT); probe.py probes its layers; a VQ that is not the GPT's is refused."""
+    """The paper's baseline tokens: stage vq writes the VQ's codes of the same rows as the DiGIT token files
+    (same labels, data, grid; ids = vq_encode of the images); train_gpt.py --tokenizer vq trains the same GPT
+    on them; sample.py paints its ids with the VQ decoder directly (no MaskGIT); probe.py probes its layers; a
+    VQ that is not the GPT's is refused."""
     import probe
     import sample
     import train_gpt
@@ -371,51 +405,61 @@ def test_vq_tokens_are_a_token_file_and_the_same_gpt_trains_samples_and_probes_o
     from vqgan import load_vq, vq_decode, vq_encode
     out = tmp_path / "out"
     out.mkdir()
-    for f in ("tokens_train.pt", "tokens_val.pt", "vq_tokens_train.pt", "vq_tokens_val.pt", "vq.pt", "codebook.pt"):
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq_tokens_train.pt", "vq_tokens_val.pt", "vq.pt",
+              "codebook.pt"):
         os.link(os.path.join(decoder_out, f), out / f)
-    digit, vq_tok = torch.load(out / "tokens_val.pt", weights_only=True), torch.load(out / "vq_tokens_val.pt", weights_only=True)
+    digit, vq_tok = torch.load(out / "tokens_val.pt",
+                               weights_only=True), torch.load(out / "vq_tokens_val.pt", weights_only=True)
     vq, vq_ck = load_vq(str(out / "vq.pt"), torch.device("cpu"))
-    assert vq_tok["tokenizer"] == "vq" and vq_tok["lineage"]["vq"] == vq_ck["fingerprint"] and vq_tok["vocab_size"] == 32
+    assert vq_tok["tokenizer"] == "vq" and vq_tok["lineage"]["vq"] == vq_ck["fingerprint"]
+    assert vq_tok["vocab_size"] == 32
     assert tuple(vq_tok["grid"]) == tuple(digit["grid"]) and torch.equal(vq_tok["labels"], digit["labels"])
-    assert vq_tok["data"]["index"].tolist() == digit["data"]["index"].tolist() and vq_tok["classes"] == digit["classes"]
+    assert vq_tok["data"]["index"].tolist() == digit["data"]["index"].tolist()
+    assert vq_tok["classes"] == digit["classes"]
     images = ImagesWithTokens(digit, vq_ck["pixel_size"])
     x = to_unit(torch.stack([images[i][0] for i in range(len(images))]))
     with torch.no_grad():
         assert torch.equal(vq_encode(vq, x), vq_tok["tokens"].long())
 
-    train_gpt.main(["--out", str(out), "--tokenizer", "vq", "--max-steps", "3", "--batch-size", "4", "--n-layer", "1",
+    train_gpt.main(["--out", str(out), "--tokenizer", "vq", "--max-steps", "3", "--batch-size", "4",
+                    "--n-layer", "1",
                     "--eval-interval", "3", "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
     ck = torch.load(out / "gpt_vq.pt", weights_only=True)
     assert ck["tokenizer"] == "vq" and ck["vocab_size"] == 32 and ck["lineage"]["vq"] == vq_ck["fingerprint"]
     assert not (out / "gpt.pt").exists()
 
-    tokens, pngs = sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0,1", "--num-samples", "2", "--device", "cpu",
-                                "--precision", "fp32"])
+    tokens, pngs = sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0,1", "--num-samples",
+                                "2", "--device", "cpu", "--precision", "fp32"])
     assert tokens.shape == (4, 16) and int(tokens.max()) < 32 and pngs.shape == (4, 3, 16, 16)
     assert len([f for f in os.listdir(out / "samples_vq") if f.endswith("png")]) == 4 + 1  # + grid.png
     with torch.no_grad():  # the PNGs are the VQ decoder's pictures of the sampled ids, up to 8-bit rounding
         painted = vq_decode(vq, tokens.long(), tuple(vq_ck["grid"])) / 2 + 0.5
     assert (painted - pngs).abs().max() < 1.5 / 255
 
-    r = probe.main(["--out", str(out), "--tokenizer", "vq", "--epochs", "2", "--device", "cpu", "--precision", "fp32"])
-    assert r["tokenizer"] == "vq" and len(r["per_layer"]) == 1 and (out / "probe_vq.json").exists() and (out / "probe_vq.md").exists()
+    r = probe.main(["--out", str(out), "--tokenizer", "vq", "--epochs", "2", "--device", "cpu",
+                    "--precision", "fp32"])
+    assert r["tokenizer"] == "vq" and len(r["per_layer"]) == 1
+    assert (out / "probe_vq.json").exists() and (out / "probe_vq.md").exists()
 
     other = torch.load(out / "vq.pt", weights_only=True)
     other["lineage"]["vq"] = "another-vq"
     (out / "vq.pt").unlink()
     torch.save(other, out / "vq.pt")
     with pytest.raises(SystemExit, match="different VQs"):
-        sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "s")])
+        sample.main(["--out", str(out), "--tokenizer", "vq", "--class", "0", "--num-samples", "1",
+                     "--samples-dir", str(tmp_path / "s")])
 
 
 def test_tiny_direct_decoder_overfits_a_few_images():
-    """Four token grids -> four smooth pictures: the decoder learns to paint them (RAE-style head over a ViT)."""
-    from train_decoder import DirectDecoder, direct_render
+    """Four token grids -> four smooth pictures: the decoder learns to paint them (RAE-style head over a
+    ViT)."""
+    from train_direct import DirectDecoder, direct_render
     torch.manual_seed(0)
     model = DirectDecoder(vocab=16, dim=8, grid=(4, 4), patch=4, n_layer=2, n_embd=32, n_head=4)
     model.centroids.copy_(torch.randn(16, 8))
     g = torch.Generator().manual_seed(0)
-    x = F.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(16, 16), mode="bilinear", align_corners=False)
+    x = F.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(16, 16), mode="bilinear",
+                      align_corners=False)
     ids = torch.randint(16, (4, 16), generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
@@ -425,14 +469,17 @@ def test_tiny_direct_decoder_overfits_a_few_images():
         opt.step()
     assert psnr(x.mean(0, keepdim=True).expand_as(x), x).mean() < 20
     assert psnr(direct_render(model.eval(), ids).detach(), x).mean() > 25
-    assert torch.equal(model.centroids, model.centroids.clone()) and not model.centroids.requires_grad  # frozen: a buffer
+    # frozen: a buffer
+    assert torch.equal(model.centroids, model.centroids.clone()) and not model.centroids.requires_grad
 
 
 def test_direct_noise_and_corruption_only_in_training():
-    """direct_loss draws noise (std ~ U(0, --feature-noise) x centroid std) and corrupts ids; with both at 0 it is the plain
-    pixel loss of model(ids), which is what evaluation and sample.py use (no noise there, and deterministic)."""
+    """direct_loss draws noise (std ~ U(0, --feature-noise) x centroid std) and corrupts ids; with both at 0
+    it is the plain pixel loss of model(ids), which is what evaluation and sample.py use (no noise there, and
+    deterministic)."""
     from types import SimpleNamespace
-    from train_decoder import Batch, DirectDecoder, direct_loss
+    from train_decoder import Batch
+    from train_direct import DirectDecoder, direct_loss
     torch.manual_seed(0)
     model = DirectDecoder(vocab=16, dim=8, grid=(2, 2), patch=4, n_layer=1, n_embd=16, n_head=2)
     model.centroids.copy_(torch.randn(16, 8))
@@ -441,7 +488,8 @@ def test_direct_noise_and_corruption_only_in_training():
 
     def batch(seed):  # the whole global batch on this one rank
         return Batch(x, ids, torch.Generator().manual_seed(seed), slice(0, 4), 4)
-    args = lambda noise, corrupt: SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
+    def args(noise, corrupt):
+        return SimpleNamespace(batch_size=4, feature_noise=noise, token_corruption=corrupt, pixel_loss="l1")
     with torch.no_grad():
         plain, rec = direct_loss(model, model, batch(1), parts, args(0.0, 0.0), 0)
         torch.testing.assert_close(plain, F.l1_loss(model(ids), x))
@@ -453,34 +501,38 @@ def test_direct_noise_and_corruption_only_in_training():
 
 
 def test_sample_renders_through_the_direct_decoder(decoder_out, tmp_path, capsys):
-    """--decoder direct paints the sampled tokens with direct.pt; auto picks MaskGIT when decoder.pt exists, else direct.pt,
-    and says which; a missing direct.pt or one from another codebook is a one-line error."""
+    """--decoder direct paints the sampled tokens with direct.pt; auto picks MaskGIT when decoder.pt exists,
+    else direct.pt, and says which; a missing direct.pt or one from another codebook is a one-line error."""
     import sample
     import train_gpt
-    from train_decoder import direct_render, load_direct
+    from train_direct import direct_render, load_direct
     out = tmp_path / "out"
     out.mkdir()
     for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "decoder.pt", "codebook.pt", "direct.pt"):
         os.link(os.path.join(decoder_out, f), out / f)
-    train_gpt.main(["--out", str(out), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1", "--eval-interval", "2",
-                    "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
-    sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "m")])
+    train_gpt.main(["--out", str(out), "--max-steps", "2", "--batch-size", "4", "--n-layer", "1",
+                    "--eval-interval", "2", "--eval-batches", "1", "--precision", "fp32", "--device", "cpu"])
+    sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir",
+                 str(tmp_path / "m")])
     assert "rendered by MaskGIT" in capsys.readouterr().out  # auto with decoder.pt
     (out / "decoder.pt").unlink()
-    tokens, pngs = sample.main(["--out", str(out), "--class", "0,1", "--num-samples", "2", "--samples-dir", str(tmp_path / "d")])
+    tokens, pngs = sample.main(["--out", str(out), "--class", "0,1", "--num-samples", "2", "--samples-dir",
+                                str(tmp_path / "d")])
     assert "rendered by the direct decoder" in capsys.readouterr().out  # auto without it
     direct, _ = load_direct(str(out / "direct.pt"), torch.device("cpu"))
     with torch.no_grad():
         painted = direct_render(direct, tokens.long()) / 2 + 0.5
     assert pngs.shape == painted.shape and (painted - pngs).abs().max() < 1.5 / 255
     (out / "direct.pt").rename(tmp_path / "direct.pt")
-    with pytest.raises(SystemExit, match="direct.pt not found: run train_decoder.py --stage direct first"):
-        sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="direct.pt not found: run train_direct.py first"):
+        sample.main(["--out", str(out), "--decoder", "direct", "--class", "0", "--num-samples", "1",
+                     "--samples-dir", str(tmp_path / "a")])
     other = torch.load(tmp_path / "direct.pt", weights_only=True)
     other["lineage"]["codebook"] = "another-codebook"
     torch.save(other, out / "direct.pt")
     with pytest.raises(SystemExit, match="different codebooks"):
-        sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir", str(tmp_path / "e")])
+        sample.main(["--out", str(out), "--class", "0", "--num-samples", "1", "--samples-dir",
+                     str(tmp_path / "e")])
 
 
 def test_direct_stage_refuses_a_codebook_that_did_not_make_the_tokens(decoder_out, tmp_path):
@@ -498,8 +550,9 @@ def test_direct_stage_refuses_a_codebook_that_did_not_make_the_tokens(decoder_ou
 
 
 def test_direct_upper_bound_trains_on_continuous_features(decoder_out, tmp_path):
-    """--direct-input features: the same decoder fed the DINOv2 patch features the tokens were quantised from."""
-    from train_decoder import patch_features
+    """--direct-input features: the same decoder fed the DINOv2 patch features the tokens were quantised
+    from."""
+    from train_direct import patch_features
     out = tmp_path / "out"
     out.mkdir()
     for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
@@ -510,14 +563,16 @@ def test_direct_upper_bound_trains_on_continuous_features(decoder_out, tmp_path)
     assert feats.shape == (len(tok["tokens"]), 16, cb["centroids"].shape[1])
     nearest = torch.cdist(feats.flatten(0, 1), cb["centroids"]).argmin(1).view(len(feats), -1)
     assert (nearest == tok["tokens"].long()).float().mean() > 0.95  # the features the ids were made from
-    m = train_decoder.main(["--stage", "direct", "--direct-input", "features", "--out", str(out), "--max-steps", "2", "--n-layer", "1",
-                            "--batch-size", "4", "--workers", "0", "--perceptual", "0", "--precision", "fp32", "--eval-interval", "2"])
+    m = train_decoder.main(["--stage", "direct", "--direct-input", "features", "--out", str(out),
+                            "--max-steps", "2", "--n-layer", "1",
+                            "--batch-size", "4", "--workers", "0", "--perceptual", "0", "--precision",
+                            "fp32", "--eval-interval", "2"])
     assert (out / "direct_features.pt").exists() and not (out / "direct.pt").exists() and m["psnr"] > 0
 
 
 def test_gan_losses_move_the_right_way():
-    """The adversarial pieces on a tiny VQ: discriminator steps lower its hinge loss on (real, reconstruction) pairs;
-    generator steps on the adversarial term alone (D frozen) raise D's score of the reconstructions."""
+    """The adversarial pieces on a tiny VQ: discriminator steps lower its hinge loss on (real, reconstruction)
+    pairs; generator steps on the adversarial term alone (D frozen) raise D's score of the reconstructions."""
     from train_vq import disc_loss, patch_discriminator
     torch.manual_seed(0)
     x = torch.rand(8, 3, 16, 16) * 2 - 1
@@ -543,18 +598,21 @@ def test_gan_losses_move_the_right_way():
 
 
 def test_adaptive_weight_balances_gradient_norms():
-    """taming's weight = |grad nll| / |grad g| at the last layer: scaling the adversarial loss by c divides it by c."""
+    """taming's weight = |grad nll| / |grad g| at the last layer: scaling the adversarial loss by c divides it
+    by c."""
     from train_vq import adaptive_weight
     w = torch.randn(4, 4, requires_grad=True)
     nll, g = (w ** 2).sum(), (w * 3).sum()
     lam = adaptive_weight(nll, g, w)
-    assert lam == pytest.approx(float((2 * w).detach().norm() / (torch.full((4, 4), 3.0).norm() + 1e-4)), rel=1e-5)
+    assert lam == pytest.approx(float((2 * w).detach().norm() / (torch.full((4, 4), 3.0).norm() + 1e-4)),
+                                rel=1e-5)
     assert adaptive_weight(nll, 10 * g, w) == pytest.approx(float(lam) / 10, rel=1e-3)
 
 
 def test_maskgit_on_a_pretrained_vq(decoder_out, tmp_path):
-    """--stage maskgit --vq PATH learns a pretrained VQ's codes (MAGE's layout, the fixture's tiny weights) with no
-    --stage vq; decoder.pt names the file, sample.py renders through it, stability.py compares it; bad --vq fail."""
+    """--stage maskgit --vq PATH learns a pretrained VQ's codes (MAGE's layout, the fixture's tiny weights)
+    with no --stage vq; decoder.pt names the file, sample.py renders through it, stability.py compares it; bad
+    --vq fail."""
     import sample
     import stability
     import train_gpt
@@ -565,30 +623,38 @@ def test_maskgit_on_a_pretrained_vq(decoder_out, tmp_path):
     out.mkdir()
     for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
         os.link(os.path.join(decoder_out, f), out / f)
-    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4"]
-    m = train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--max-steps", "2", "--n-layer", "1", *common])
+    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+              "--eval-images", "4"]
+    m = train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--max-steps", "2", "--n-layer", "1",
+                            *common])
     assert 0 <= m["vq_token_acc"] <= 1
     dec = torch.load(out / "decoder.pt", weights_only=True)
     vq, info = load_vq(ckpt, "cpu", grid=(4, 4))
     assert dec["vq_path"] == os.path.abspath(ckpt) and dec["lineage"]["vq"] == info["fingerprint"]
-    assert dec["pixel_size"] == 16 and dec["model_args"]["vq_codes"] == 64  # 4x4 DiGIT grid x MAGE's 4x downsampling
-    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32"])
+    # 4x4 DiGIT grid x MAGE's 4x downsampling
+    assert dec["pixel_size"] == 16 and dec["model_args"]["vq_codes"] == 64
+    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1",
+                    "--precision", "fp32"])
     sample.main(["--out", str(out), "--num-samples", "2", "--class", "0", "--device", "cpu"])
     pngs = sorted(f for f in os.listdir(out / "samples") if f.endswith("_class0.png"))
     assert len(pngs) == 2 and Image.open(out / "samples" / pngs[0]).size == (16, 16)
     os.link(os.path.join(decoder_out, "vq_tokens_val.pt"), out / "vq_tokens_val.pt")  # made by another VQ
     r = stability.main(["--out", str(out), "--vq", ckpt, "--images", "4", "--snrs", "20", "--device", "cpu"])
-    assert set(r["fair"]) == {"VQ", "DiGIT"} and set(r["resize_agreement"]) == {"DiGIT"}  # not compared with them
-    for bad, msg in ((str(tmp_path), "is a folder"), (os.path.join(decoder_out, "tokens_val.pt"), "none of vq.pt")):
+    # not compared with them
+    assert set(r["fair"]) == {"VQ", "DiGIT"} and set(r["resize_agreement"]) == {"DiGIT"}
+    for bad, msg in ((str(tmp_path), "is a folder"),
+                     (os.path.join(decoder_out, "tokens_val.pt"), "none of vq.pt")):
         with pytest.raises(SystemExit, match=msg):
-            train_decoder.main(["--stage", "maskgit", "--vq", bad, "--max-steps", "1", "--n-layer", "1", "--force", *common])
+            train_decoder.main(["--stage", "maskgit", "--vq", bad, "--max-steps", "1", "--n-layer", "1",
+                                "--force", *common])
     with pytest.raises(SystemExit, match="use --pixel-size 16"):
-        train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--pixel-size", "32", "--max-steps", "1", "--force", *common])
+        train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--pixel-size", "32", "--max-steps", "1",
+                            "--force", *common])
 
 
 def test_missing_vq_tokens_are_written_without_training(decoder_out, tmp_path):
-    """The hint for missing vq_tokens_*.pt names train_vq.py --tokens-only, which writes them from the finished vq.pt
-    and never trains it further (the old hint, --resume, trained on and replaced vq.pt)."""
+    """The hint for missing vq_tokens_*.pt names train_vq.py --tokens-only, which writes them from the
+    finished vq.pt and never trains it further (the old hint, --resume, trained on and replaced vq.pt)."""
     import train_gpt
     out = tmp_path / "out"
     out.mkdir()
@@ -601,13 +667,14 @@ def test_missing_vq_tokens_are_written_without_training(decoder_out, tmp_path):
     assert (out / "vq.pt").read_bytes() == before
     for split in ("train", "val"):
         assert torch.equal(torch.load(out / f"vq_tokens_{split}.pt", weights_only=True)["tokens"],
-                           torch.load(os.path.join(decoder_out, f"vq_tokens_{split}.pt"), weights_only=True)["tokens"])
+                           torch.load(os.path.join(decoder_out, f"vq_tokens_{split}.pt"),
+                                      weights_only=True)["tokens"])
 
 
 def test_a_moved_out_folder_and_a_moved_pretrained_vq(decoder_out, tmp_path):
-    """decoder.pt records a pretrained VQ's place as given and relative to out/: a moved out/ (with the VQ inside)
-    still renders, and the same sample folder resumes after the move; a VQ moved elsewhere is named in one line
-    with --vq as the way out; --vq naming another VQ is refused, naming that file."""
+    """decoder.pt records a pretrained VQ's place as given and relative to out/: a moved out/ (with the VQ
+    inside) still renders, and the same sample folder resumes after the move; a VQ moved elsewhere is named in
+    one line with --vq as the way out; --vq naming another VQ is refused, naming that file."""
     import shutil
     import sample
     import train_gpt
@@ -617,21 +684,26 @@ def test_a_moved_out_folder_and_a_moved_pretrained_vq(decoder_out, tmp_path):
     for f in ("tokens_train.pt", "tokens_val.pt", "codebook.pt"):
         os.link(os.path.join(decoder_out, f), out / f)
     ckpt, _ = write_checkpoint(out, "mage", lambda sd: {"state_dict": sd})  # the pretrained VQ inside out/
-    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--eval-images", "4"]
+    common = ["--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+              "--eval-images", "4"]
     train_decoder.main(["--stage", "maskgit", "--vq", ckpt, "--max-steps", "1", "--n-layer", "1", *common])
-    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1", "--precision", "fp32"])
+    train_gpt.main(["--out", str(out), "--max-steps", "1", "--batch-size", "4", "--n-layer", "1",
+                    "--precision", "fp32"])
     args = ["--class", "0", "--num-samples", "2", "--batch-size", "1", "--precision", "fp32"]
     sample.main(["--out", str(out), *args])
     moved = tmp_path / "moved"
     shutil.move(str(out), str(moved))
     os.remove(moved / "samples" / "parts" / "00000001.pt")  # as if the last batch had not finished
-    tokens, _ = sample.main(["--out", str(moved), *args])  # the recorded VQ is gone; the one inside moved/ is used
+    # the recorded VQ is gone; the one inside moved/ is used
+    tokens, _ = sample.main(["--out", str(moved), *args])
     assert tokens.shape == (2, 16)
     shutil.move(str(moved / "mage.ckpt"), str(tmp_path / "mage.ckpt"))
     with pytest.raises(SystemExit, match="which is not there: give its new place with --vq"):
         sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s2")])
-    sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s3"), "--vq", str(tmp_path / "mage.ckpt")])
+    sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s3"), "--vq",
+                 str(tmp_path / "mage.ckpt")])
     with pytest.raises(SystemExit, match=r"other\.ckpt were made from different VQs"):
         other, _ = write_checkpoint(tmp_path, "llamagen", lambda sd: {"model": sd})
         os.rename(other, tmp_path / "other.ckpt")
-        sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s4"), "--vq", str(tmp_path / "other.ckpt")])
+        sample.main(["--out", str(moved), *args, "--samples-dir", str(tmp_path / "s4"), "--vq",
+                     str(tmp_path / "other.ckpt")])

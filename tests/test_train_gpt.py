@@ -23,7 +23,8 @@ def test_causality(norm):
     x = torch.randint(32, (2, 15))
     labels = torch.tensor([0, 2])
     y = x.clone()
-    y[:, 9] = (y[:, 9] + 1) % 32  # change token 9: position 9 is the first to see it (position 0 is the class)
+    # change token 9: position 9 is the first to see it (position 0 is the class)
+    y[:, 9] = (y[:, 9] + 1) % 32
     a, b = model(x, labels), model(y, labels)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
@@ -33,8 +34,10 @@ def test_causality(norm):
 
 def test_hidden_states_and_shapes():
     model = tiny_gpt().eval()
-    logits, hidden = model(torch.randint(32, (3, 15)), torch.tensor([0, 1, 3]), return_hidden=True)  # 3 = null class
-    assert logits.shape == (3, 16, 32) and len(hidden) == 3 and hidden[0].shape == (3, 16, 32)  # embedding + 2 blocks
+    # 3 = null class
+    logits, hidden = model(torch.randint(32, (3, 15)), torch.tensor([0, 1, 3]), return_hidden=True)
+    # embedding + 2 blocks
+    assert logits.shape == (3, 16, 32) and len(hidden) == 3 and hidden[0].shape == (3, 16, 32)
     assert model(torch.randint(32, (3, 4)), None).shape == (3, 5, 32)  # shorter prefixes work (sampling)
 
 
@@ -71,7 +74,8 @@ def test_class_dropout_rate_and_determinism():
 def test_batches_cover_each_epoch_once():
     seen = torch.cat([batch_indices(s, 8, 40, seed=0) for s in range(5)])
     assert sorted(seen.tolist()) == list(range(40))
-    assert not torch.equal(batch_indices(5, 8, 40, 0), batch_indices(0, 8, 40, 0))  # a new permutation next epoch
+    # a new permutation next epoch
+    assert not torch.equal(batch_indices(5, 8, 40, 0), batch_indices(0, 8, 40, 0))
 
 
 def test_train_checkpoint_and_resume_exactly(tmp_path):
@@ -88,7 +92,8 @@ def test_train_checkpoint_and_resume_exactly(tmp_path):
 
     main(["--out", parts, "--max-steps", "20", "--stop-after", "10", "--dropout", "0.1", *TINY])
     assert torch.load(os.path.join(parts, "gpt.pt"), weights_only=True)["step"] == 10
-    torch.manual_seed(123)  # whatever the process did in between: the checkpoint's random state must take over
+    # whatever the process did in between: the checkpoint's random state must take over
+    torch.manual_seed(123)
     resumed = main(["--out", parts, "--max-steps", "20", "--resume", "--dropout", "0.1", *TINY])
     assert len(resumed) == 20
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses), rtol=0, atol=1e-6)
@@ -108,11 +113,13 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    """--grad-accum 2 sees the same global batch as --grad-accum 1, in two halves: the same losses and weights."""
+    """--grad-accum 2 sees the same global batch as --grad-accum 1, in two halves: the same losses and
+    weights."""
     runs = {}
     for accum in ("1", "2"):
         out = make_token_files(str(tmp_path / accum))
-        runs[accum] = main(["--out", out, "--max-steps", "6", "--class-dropout", "0.2", "--grad-accum", accum, *TINY])
+        runs[accum] = main(["--out", out, "--max-steps", "6", "--class-dropout", "0.2", "--grad-accum",
+                            accum, *TINY])
         runs[accum + "w"] = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
     torch.testing.assert_close(torch.tensor(runs["2"]), torch.tensor(runs["1"]), rtol=0, atol=1e-5)
     for k in runs["1w"]:
@@ -123,8 +130,10 @@ def test_learning_rate_schedules():
     from types import SimpleNamespace
     a = SimpleNamespace(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
     assert [learning_rate(s, a) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
-    assert learning_rate(10, a) == pytest.approx(1.0) and learning_rate(60, a) == pytest.approx(0.55)  # cos: half-way
-    assert learning_rate(110, a) == pytest.approx(0.1) and learning_rate(500, a) == pytest.approx(0.1)  # ends at min_lr
+    # cos: half-way
+    assert learning_rate(10, a) == pytest.approx(1.0) and learning_rate(60, a) == pytest.approx(0.55)
+    # ends at min_lr
+    assert learning_rate(110, a) == pytest.approx(0.1) and learning_rate(500, a) == pytest.approx(0.1)
     a.schedule = "inverse-sqrt"
     assert learning_rate(39, a) == pytest.approx(0.5)  # sqrt(10 / 40)
     a.schedule = "constant"
@@ -139,8 +148,8 @@ def test_weight_decay_only_on_matrices():
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
     names = {id(p): n for n, p in model.named_parameters()}
-    assert any(names[id(p)].endswith("ln1.weight") for p in plain["params"]) and len(decayed["params"]) + len(plain["params"]) == \
-        len(list(model.parameters()))
+    assert any(names[id(p)].endswith("ln1.weight") for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
 def test_nan_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -148,8 +157,8 @@ def test_nan_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path
     main(["--out", out, "--max-steps", "4", *TINY])
     good = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)
     # an absurd learning rate: the weights blow up within a few steps; no checkpoint may hold them
-    p = run_script("train_gpt.py", "--out", out, "--resume", "--max-steps", "40", "--ckpt-interval", "1", "--grad-clip", "0",
-                   *TINY[:-2], "--lr", "1e30", "--warmup-steps", "0", check=False)
+    p = run_script("train_gpt.py", "--out", out, "--resume", "--max-steps", "40", "--ckpt-interval", "1",
+                   "--grad-clip", "0", *TINY[:-2], "--lr", "1e30", "--warmup-steps", "0", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "last good checkpoint" in p.stderr or "not saving them" in p.stderr
     last = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)
@@ -164,15 +173,19 @@ def base_weights(tmp_path_factory):
     return torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("flag", [["--label-smoothing", "0.1"], ["--grad-clip", "0.01"], ["--weight-decay", "0.5"], ["--beta2", "0.5"],
-                                  ["--class-dropout", "0.5"], ["--dropout", "0.2"], ["--norm", "post"], ["--tie-embeddings"],
-                                  ["--unconditional"], ["--schedule", "inverse-sqrt"], ["--min-lr", "1e-2"], ["--seed", "1"]])
+@pytest.mark.parametrize("flag", [["--label-smoothing", "0.1"], ["--grad-clip", "0.01"],
+                                  ["--weight-decay", "0.5"], ["--beta2", "0.5"], ["--class-dropout", "0.5"],
+                                  ["--dropout", "0.2"], ["--norm", "post"], ["--tie-embeddings"],
+                                  ["--unconditional"], ["--schedule", "inverse-sqrt"], ["--min-lr", "1e-2"],
+                                  ["--seed", "1"]])
 def test_every_training_option_changes_the_run(base_weights, tmp_path, flag):
-    """Each option, set alone, changes the weights after a few steps (an option the loop ignored would not)."""
+    """Each option, set alone, changes the weights after a few steps (an option the loop ignored would
+    not)."""
     out = make_token_files(str(tmp_path))
     main(["--out", out, "--max-steps", "6", *TINY, "--warmup-steps", "0", *flag])
     b = torch.load(os.path.join(out, "gpt.pt"), weights_only=True)["model"]
-    assert any(base_weights[k].shape != b[k].shape or not torch.allclose(base_weights[k], b[k]) for k in base_weights), flag
+    assert any(base_weights[k].shape != b[k].shape or not torch.allclose(base_weights[k], b[k])
+               for k in base_weights), flag
 
 
 def test_mismatched_token_files_are_one_line_errors(tmp_path):
@@ -207,8 +220,8 @@ def test_views_are_drawn_by_the_step():
 
 
 def test_compiled_model_gives_the_eager_logits():
-    """--compile: torch.compile of a tiny GPT (here on the CPU; on by default on GPUs) computes what the eager model
-    computes, within float tolerance."""
+    """--compile: torch.compile of a tiny GPT (here on the CPU; on by default on GPUs) computes what the eager
+    model computes, within float tolerance."""
     model = tiny_gpt().eval()
     x, y = torch.randint(32, (2, 15)), torch.tensor([0, 3])
     with torch.no_grad():

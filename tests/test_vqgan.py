@@ -1,5 +1,6 @@
-"""vqgan.py: the three pixel tokenizers behind one loader; the two pretrained layouts encode and decode exactly as
-their official code did on the same weights (fixtures made by tests/make_vq_fixtures.py from the official modules)."""
+"""vqgan.py: the three pixel tokenizers behind one loader; the two pretrained layouts encode and decode
+exactly as their official code did on the same weights (fixtures made by tests/make_vq_fixtures.py from the
+official modules)."""
 import argparse
 import os
 
@@ -31,7 +32,8 @@ def write_checkpoint(tmp_path, name, layout):
 @pytest.mark.parametrize("name, layout, kind", [
     ("mage", lambda sd: {"state_dict": sd}, "mage"),  # MAGE's vqgan_jax_strongaug.ckpt
     ("llamagen", lambda sd: {"model": sd}, "llamagen"),  # LlamaGen's vq_ds16_c2i.pt
-    ("llamagen", lambda sd: {"ema": sd, "args": argparse.Namespace(vq_model="VQ-16")}, "llamagen"),  # a training checkpoint
+    # a training checkpoint
+    ("llamagen", lambda sd: {"ema": sd, "args": argparse.Namespace(vq_model="VQ-16")}, "llamagen"),
 ])
 def test_pretrained_layouts_match_official_code(tmp_path, name, layout, kind):
     path, fx = write_checkpoint(tmp_path, name, layout)
@@ -58,8 +60,8 @@ def test_shapes_come_from_the_checkpoint():
 
 
 def test_mage_differs_from_a_plain_taming_block():
-    """MAGE's residual shortcut maps the block's output, not its input: swapping that changes the pixels, so the
-    fixture test above would catch a CompVis-style reimplementation."""
+    """MAGE's residual shortcut maps the block's output, not its input: swapping that changes the pixels, so
+    the fixture test above would catch a CompVis-style reimplementation."""
     fx = fixture("mage")
     from vqgan import mage_args
     sd = official_state_dict(fx)
@@ -75,8 +77,8 @@ def test_mage_differs_from_a_plain_taming_block():
 
 def test_ours_through_the_same_loader(tmp_path):
     vq = VQModel(levels=2, channels=16, codes=32, code_dim=8)
-    torch.save(dict(model=vq.state_dict(), model_args=dict(levels=2, channels=16, codes=32, code_dim=8), grid=(4, 4),
-                    pixel_size=16, fingerprint="abc"), tmp_path / "vq.pt")
+    torch.save(dict(model=vq.state_dict(), model_args=dict(levels=2, channels=16, codes=32, code_dim=8),
+                    grid=(4, 4), pixel_size=16, fingerprint="abc"), tmp_path / "vq.pt")
     loaded, info = load_vq(str(tmp_path / "vq.pt"), "cpu", grid=(4, 4))
     assert info["kind"] == "ours" and info["fingerprint"] == "abc"
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -87,13 +89,18 @@ def test_ours_through_the_same_loader(tmp_path):
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     path, fx = write_checkpoint(tmp_path, "mage", lambda sd: {"state_dict": sd})
-    with pytest.raises(SystemExit, match=r"gives a 4x4 latent grid at 16 px but the DiGIT grid is 8x8: use --pixel-size 32"):
+    with pytest.raises(SystemExit,
+                       match=r"gives a 4x4 latent grid at 16 px but the DiGIT grid is 8x8: use --pixel-size "
+                             r"32"):
         load_vq(path, "cpu", grid=(8, 8), pixel_size=16)
     torch.save({"state_dict": {"foo.weight": torch.zeros(1), "bar": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(SystemExit, match=r"none of vq.pt, MAGE's VQGAN, LlamaGen's VQ \(keys found: \['foo.weight', 'bar'\]\)"):
+    with pytest.raises(SystemExit,
+                       match=r"none of vq.pt, MAGE's VQGAN, LlamaGen's VQ \(keys found: \['foo.weight', "
+                             r"'bar'\]\)"):
         load_vq(str(tmp_path / "other.ckpt"), "cpu")
     sd = official_state_dict(fx)
-    sd["quant_conv.weight"] = torch.zeros(16, 16, 1, 1)  # CompVis taming has quant_conv and attention: not MAGE's
+    # CompVis taming has quant_conv and attention: not MAGE's
+    sd["quant_conv.weight"] = torch.zeros(16, 16, 1, 1)
     sd["encoder.mid.attn_1.q.weight"] = torch.zeros(64, 64, 1, 1)
     torch.save({"state_dict": sd}, tmp_path / "compvis.ckpt")
     with pytest.raises(SystemExit, match="looks like a taming VQGAN but not MAGE's nor LlamaGen's layout"):
@@ -114,7 +121,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
 
 
 def test_no_unrestricted_unpickling(tmp_path):
-    """weights_only stays on: a checkpoint holding an arbitrary object is refused (only argparse.Namespace is allowed)."""
+    """weights_only stays on: a checkpoint holding an arbitrary object is refused (only argparse.Namespace is
+    allowed)."""
     path, fx = write_checkpoint(tmp_path, "llamagen", lambda sd: {"model": sd, "extra": torch.optim.SGD})
     with pytest.raises(SystemExit, match="cannot be read as a checkpoint"):
         load_vq(path, "cpu")

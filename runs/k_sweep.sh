@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The paper's probe figure on the demo data: tokenize with several K, train the same GPT on each, probe every
 # layer, and gather one table + plot (accuracy per layer, one line per K).
-#   bash k_sweep.sh                 # K = 64 256 1024 -> out_k/<K>/, out_k/probe_compare.md and .png
-#   bash k_sweep.sh 128 512         # other K values
-#   STEPS=600 DIGIT_OUT=elsewhere bash k_sweep.sh
+#   bash runs/k_sweep.sh                 # K = 64 256 1024 -> out_k/<K>/, out_k/probe_compare.md and .png
+#   bash runs/k_sweep.sh 128 512         # other K values
+#   STEPS=600 DIGIT_OUT=elsewhere bash runs/k_sweep.sh
 # A finished K is skipped on a second run (its probe.json exists).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 source ./setup_env.sh requirements.txt
 OUT="${DIGIT_OUT:-out_k}"
 STEPS="${STEPS:-300}"

@@ -3,11 +3,11 @@
 # offline (the sample images inside the scikit-image wheel), cut into 128 px crops; a K-means (DiGIT) and a small
 # pixel VQ are fitted on crops of 8 photos, and stability.py measures both on crops of 6 other photos, with the
 # noise at native resolution (DINOv2 sees 112 px, the VQ the native 128 px: both near native, as on ImageNet).
-#   bash photos_stability.sh                 # -> out_photos/stability.md (+ .json, .png)
-#   DIGIT_OUT=elsewhere bash photos_stability.sh
+#   bash runs/photos_stability.sh                 # -> out_photos/stability.md (+ .json, .png)
+#   DIGIT_OUT=elsewhere bash runs/photos_stability.sh
 # Finished steps are skipped on a second run.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 source ./setup_env.sh requirements.txt
 OUT="${DIGIT_OUT:-out_photos}"
 [ -d "$OUT/crops/val" ] || python stability.py --write-photos "$OUT/crops"
