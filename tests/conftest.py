@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory):
 
 
 def make_token_files(out, n_train=64, n_val=16, grid=(4, 4), vocab=32, n_classes=3, seed=0):
-    """Token files in the docs/FILES.md format with learnable structure: each class has its own token pattern."""
+    """Token files in the docs/FILES.md format with learnable structure (each class has its own pattern)."""
     import torch
     os.makedirs(out, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
