@@ -49,7 +49,12 @@ from vqgan import MageVQGAN, mage_args
 NSPECIAL, PAD, EOS, UNK = 5, 1, 2, 3
 FAIRSEQ_POS = PAD + 1  # fairseq's learned positions of a sequence start at row padding_idx + 1
 SAFE_PREFIXES = ("omegaconf.", "fairseq.", "numpy.", "typing.", "collections.", "enum.", "pathlib.",
-                 "argparse.", "builtins.set", "builtins.frozenset", "builtins.slice", "_codecs.encode")
+                 "argparse.", "_codecs.encode")
+# builtin types a config names (omegaconf records object_type = dict); protocol-2 pickles spell the module
+# __builtin__. Exact names: setattr or getattr must not pass as "set..." or "get...".
+SAFE_NAMES = {f"{m}.{t}" for m in ("builtins", "__builtin__") for t in ("dict", "list", "set", "frozenset",
+                                                                        "tuple", "slice", "int", "float",
+                                                                        "str", "bool")}
 
 
 def get_args(argv=None):
@@ -117,10 +122,11 @@ def read_fairseq(path):
     docstring)."""
     check_regular_file(path, "give the official checkpoint file")
     names = pickle_globals(path)
-    refused = sorted(n for n in names if not n.startswith(SAFE_PREFIXES) and not n.startswith("torch."))
+    safe = [n for n in names if n.startswith(SAFE_PREFIXES) or n in SAFE_NAMES]
+    refused = sorted(n for n in set(names) - set(safe) if not n.startswith("torch."))
     if refused:
         fail(f"{path} needs {refused[0]}, which no fairseq checkpoint needs: refused, nothing of it was run")
-    stand_ins = [(Recorded, n) for n in names if n.startswith(SAFE_PREFIXES)]
+    stand_ins = [(Recorded, n.replace("__builtin__.", "builtins.", 1)) for n in safe]  # torch's spelling
     with torch.serialization.safe_globals(stand_ins):
         ck = load_artifact(path, "give the official checkpoint file")
     expect(isinstance(ck, dict) and isinstance(ck.get("model"), dict), path,
@@ -130,7 +136,13 @@ def read_fairseq(path):
 
 def config_value(cfg, key):
     """A value of a recorded fairseq config (omegaconf DictConfig or argparse Namespace), or None."""
-    def walk(node):
+    seen = set()
+
+    def walk(node):  # omegaconf nodes point back at their parent: visit each container once
+        if isinstance(node, (Recorded, dict, list, tuple)) or hasattr(node, "__dict__"):
+            if id(node) in seen:
+                return
+            seen.add(id(node))
         if isinstance(node, Recorded):
             yield from walk(node.state)
             yield from walk(node.args)
@@ -210,6 +222,15 @@ def write_encoder(name, arch, weights, cache):
     return path
 
 
+def check_version(sd, path):
+    """fairseq loads a decoder whose "version" buffer is <= 2 (checkpoints older than its final norm)
+    without the final norm it holds (TransformerDecoderBase.upgrade_state_dict_named); DiGIT's own are 3."""
+    version = float(sd["decoder.version"].flatten()[0]) if "decoder.version" in sd else 3.0
+    expect(version > 2 or "decoder.layer_norm.weight" not in sd, path,
+           f"decoder version {version:g}: an old fairseq layout that fairseq runs without its final norm, "
+           "which this converter does not handle")
+
+
 def convert_gpt(sd, cfg, path, k):
     """train_gpt.GPT (model_args, state dict) of an official stage-1 model: unconditional (</s> first) or
     class-conditional (class id + len(dictionary) first, 1,000 extra embedding rows)."""
@@ -219,6 +240,7 @@ def convert_gpt(sd, cfg, path, k):
     n_dict = NSPECIAL + k
     expect(emb.shape[0] in (n_dict, n_dict + 1000), path, f"{emb.shape[0]} embedding rows for K = {k}")
     classes = 1000 if emb.shape[0] == n_dict + 1000 else 0
+    check_version(sd, path)
     blocks, n_layer = fairseq_layers(sd)
     post = "decoder.layer_norm.weight" not in sd  # fairseq: a final norm only with normalize_before
     heads = config_value(cfg, "decoder_attention_heads") or width // 64
@@ -255,6 +277,7 @@ def convert_stage2(sd, cfg, path, k, kind):
     codes = n_tgt - NSPECIAL
     expect(emb.shape[0] == n_tgt + NSPECIAL + k, path,
            f"{emb.shape[0]} embedding rows for {codes} codes, K = {k}")
+    check_version(sd, path)
     blocks, n_layer = fairseq_layers(sd)
     heads = int(config_value(cfg, "decoder_attention_heads") or width // 64)
     length = 16 * 16

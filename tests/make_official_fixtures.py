@@ -23,6 +23,9 @@ pytorch_lightning (for the VQGAN's base class), cv2 and pandas (imported by unus
 stood in for; prepare_semantic's .cuda() calls are no-ops on the CPU.
 """
 import argparse
+import builtins
+import dataclasses
+import importlib.machinery
 import os
 import sys
 import types
@@ -37,10 +40,21 @@ from make_vq_fixtures import FIXTURES, fixed_weights  # noqa: E402
 SEED, K, N_CLS = 0, 16, 1000
 
 
+def empty_module(name):
+    """A stand-in module with a spec (torch._dynamo asks every loaded module for one)."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return module
+
+
 def stand_ins():
-    sys.modules["pytorch_lightning"] = types.SimpleNamespace(LightningModule=nn.Module)
-    sys.modules["cv2"] = types.ModuleType("cv2")
-    sys.modules.setdefault("pandas", types.ModuleType("pandas"))
+    sys.modules["pytorch_lightning"] = empty_module("pytorch_lightning")
+    sys.modules["pytorch_lightning"].LightningModule = nn.Module
+    sys.modules["cv2"] = empty_module("cv2")
+    sys.modules.setdefault("pandas", empty_module("pandas"))
+    # dino/vits.py subclasses xformers' SwiGLU at import (DINOv2's own code falls back to SwiGLUFFN); the
+    # ViT-B and the tiny ViT use the plain MLP, so the class is never built
+    builtins.SwiGLU = nn.Module
     torch.Tensor.cuda = lambda self, *a, **k: self  # prepare_semantic moves its mean/std with .cuda()
 
 
@@ -54,24 +68,33 @@ def images():
 def fill(model, seed, half=False):
     """Weights drawn from the seed (fixed_weights); rounded to fp16 and back when the model is stored
     whole."""
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+    # the version buffers keep their value: fairseq drops the final norm of a decoder whose version is
+    # <= 2 (an old checkpoint) when it loads one, so a random version would change the model under test
+    own = model.state_dict()
+    shapes = {k: list(v.shape) for k, v in own.items()
+              if v.is_floating_point() and not k.endswith(".version")}
     sd = fixed_weights(shapes, seed)
     if half:
         sd = {k: v.half().float() for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(dict(sd, **{k: v for k, v in own.items() if k.endswith(".version")}), strict=False)
     return shapes
 
 
-def lm_args(normalize_before, **extra):
-    """fairseq's transformer_lm defaults (base_lm_architecture) at a tiny size, as the official configs
-    override."""
-    from fairseq.models.transformer_lm import base_lm_architecture
-    args = argparse.Namespace(decoder_embed_dim=128, decoder_output_dim=128, decoder_input_dim=128,
-                              decoder_ffn_embed_dim=512, decoder_layers=2, decoder_attention_heads=2,
-                              decoder_learned_pos=True, activation_fn="gelu", max_target_positions=1024,
-                              tokens_per_sample=1024, decoder_normalize_before=normalize_before, **extra)
-    base_lm_architecture(args)
-    return args
+def lm_args(config_class, **extra):
+    """The model's args as fairseq's hydra path builds them: the model's own dataclass defaults
+    (STLMConfig: post-LN; ST2VTLMConfig: pre-LN), the fields the task and common configs fill
+    (max_target_positions and tokens_per_sample 1024, no BOS token, no TPU), and the yaml's model section
+    (config/stage{1,2}/dino_base*.yaml) at a tiny size. Not base_lm_architecture: the official models
+    never call it, and it would force pre-LN."""
+    fields = {}
+    for f in dataclasses.fields(config_class):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        fields[f.name] = None if default is dataclasses.MISSING else default
+    fields.update(tpu=False, max_target_positions=1024, tokens_per_sample=1024, add_bos_token=False)
+    fields.update(decoder_embed_dim=128, decoder_output_dim=128, decoder_input_dim=128,
+                  decoder_ffn_embed_dim=512, decoder_layers=2, decoder_attention_heads=2,
+                  activation_fn="gelu", decoder_learned_pos=True, **extra)
+    return argparse.Namespace(**fields)
 
 
 def dictionary(n):
@@ -105,9 +128,9 @@ def centroids_of(encoder, x):
 @torch.no_grad()
 def stage1(class_conditional, half):
     from fairseq.models.transformer import Embedding, TransformerDecoder
-    from fairseq_user.image_generation_stage1.model import STTransformerLanguageModel
+    from fairseq_user.image_generation_stage1.model import STLMConfig, STTransformerLanguageModel
     d = dictionary(K)
-    args = lm_args(False, class_conditional=class_conditional,
+    args = lm_args(STLMConfig, class_conditional=class_conditional,
                    pretrained_enc_config=types.SimpleNamespace(layer=3))
     emb = Embedding(len(d) + (N_CLS if class_conditional else 0), 128, d.pad())
     encoder = tiny_dinov2()
@@ -127,13 +150,13 @@ def stage1(class_conditional, half):
         src[:, 0] = labels + len(d)
     inner = model.decoder(src, features_only=True)[1]["inner_states"]
     probe = torch.stack([inner[n].mean(0) for n in range(args.decoder_layers)], dim=1)  # model_linearprobe.py
-    return model, dict(shapes=shapes, seed=seed, centroids=model.centroids.clone(), images=x, labels=labels,
+    return model, dict(shapes=shapes, seed=seed, centroids=model.centroids.clone(), labels=labels,
                        tokens=sem - d.nspecial, logits=out["word_ins_visual"]["out"], probe=probe, half=half)
 
 
 def tiny_vqgan():
     from fairseq_user.image_generation_stage2.taming.models.vqgan import VQModel
-    ddconfig = dict(double_z=False, z_channels=32, resolution=256, in_channels=3, out_ch=3, ch=16,
+    ddconfig = dict(double_z=False, z_channels=32, resolution=256, in_channels=3, out_ch=3, ch=32,
                     ch_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
     return VQModel(ddconfig=ddconfig, n_embed=32, embed_dim=32).eval()
 
@@ -145,7 +168,7 @@ def stage2(nar):
     module = model_nar if nar else ar_module
     cls = module.ST2VTTransformerLanguageModelNAR if nar else module.ST2VTTransformerLanguageModel
     src_d, tgt_d = dictionary(K), dictionary(32)
-    args = lm_args(True, pretrained_enc_config=types.SimpleNamespace(layer=3))
+    args = lm_args(module.ST2VTLMConfig, pretrained_enc_config=types.SimpleNamespace(layer=3))
     emb = Embedding(len(tgt_d) + len(src_d), 128, tgt_d.pad())
     model = cls(args, module.TransformerDecoder2pos(args, tgt_d, emb, no_encoder_attn=True), tiny_vqgan(),
                 tiny_dinov2(), torch.zeros(128, K)).eval()
@@ -170,7 +193,7 @@ def stage2(nar):
         logits = model.decoder(torch.cat([sem, src], dim=1))[0][:, sem.shape[1]:]
         masked = None
     return model, dict(shapes=shapes, seed=seed, centroids=model.centroids.clone(),
-                       vq_codebook=model.vqgan.quantize.embedding.weight.clone(), images=x,
+                       vq_codebook=model.vqgan.quantize.embedding.weight.clone(),
                        tokens=sem - len(tgt_d) - src_d.nspecial, codes=codes, logits=logits, masked=masked,
                        nar=nar)
 
@@ -207,6 +230,7 @@ def main():
             fairseq_checkpoint(model, "stlm", os.path.join(FIXTURES, "official_stage1_cls_fairseq.pt"))
         print(f"{name}: {len(fixture['shapes'])} tensors, tokens {fixture['tokens'].unique().numel()} "
               f"distinct of {fixture['tokens'].numel()}, logits {tuple(fixture['logits'].shape)}")
+    results["images"] = (images() * 255).round().to(torch.uint8)  # the inputs of every model, exactly
     results["source"] = "DAMO-NLP-SG/DiGIT cd6d8ca with fairseq-fixed 0.12.3.1"
     torch.save(results, os.path.join(FIXTURES, "official_digit.pt"))
     for f in ("official_digit.pt", "official_stage1_cls_fairseq.pt"):
