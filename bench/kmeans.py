@@ -10,7 +10,7 @@ inertia, computed in float32, must stay within 0.1% to be worth using. Two probl
 Reports seconds per iteration, final inertia (computed by us in float64 for everyone), and the
 distance step's throughput against this machine's measured matmul peak.
 
-    python bench/kmeans.py            # writes bench/kmeans.md (shown in the README)
+    python bench/kmeans.py            # writes bench/kmeans.md (linked from docs/RESULTS.md)
 """
 import argparse
 import os

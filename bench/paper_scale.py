@@ -1,12 +1,12 @@
 """
 Paper-scale smoke run: every stage at the ImageNet recipe's shapes, a couple of steps each, on CPU.
 
-The recipe (README, "At paper scale") is DINOv2 ViT-B/14 with registers at 224 px (16x16 tokens),
-K = 8192, the GPT "base" preset (16 x 1024), the pixel VQ and decoder at 256 px. The hub weights cannot be
-downloaded here, so DIGIT_RANDOM_ENCODER=1 gives the encoder random weights: the numbers the stages print
-mean nothing, but every shape, flag and file contract of the recipe is exercised, and the peak memory and
-time per step of each stage are measured. A synthetic ImageFolder (random pictures, 2 classes, mixed sizes)
-stands in for ImageNet.
+The recipe (runs/imagenet.sh, docs/PAPER_SCALE.md) is DINOv2 ViT-B/14 with registers at 224 px (16x16
+tokens), K = 8192, the GPT "base" preset (16 x 1024), the pixel VQ and decoder at 256 px. The hub weights
+cannot be downloaded here, so DIGIT_RANDOM_ENCODER=1 gives the encoder random weights: the numbers the
+stages print mean nothing, but every shape, flag and file contract of the recipe is exercised, and the peak
+memory and time per step of each stage are measured. A synthetic ImageFolder (random pictures, 2 classes,
+mixed sizes) stands in for ImageNet.
 
     python bench/paper_scale.py              # ~10 min on 2 CPU cores; writes bench/paper_scale.md
     python bench/paper_scale.py --nproc 2    # the training stages under torchrun with 2 gloo processes
@@ -179,7 +179,7 @@ if not os.path.isdir(data):
 n = args.nproc
 dec = ["--out", out, "--workers", "0", "--max-steps", "2", "--batch-size", str(2 * n), "--eval-interval",
        "2", "--eval-images", "4"]
-STAGES = [  # (name, script, flags): the README recipe's settings, steps and batches cut to a couple
+STAGES = [  # (name, script, flags): runs/imagenet.sh's settings, steps and batches cut to a couple
     ("tokenize_kmeans.py (ViT-B/14 reg, 256 px crops to 224, K=8192, 2 views)", "tokenize_kmeans.py",
      ["--data", data, "--out", out, "--iters", "2", "--workers", "0", "--batch-size", "8", "--crop-size",
       "256", "--views", "2"]),

@@ -4,7 +4,7 @@ Benchmark: GPT sampling speed with and without the KV cache (tokens/s), in one r
 Without the cache every new token re-runs the whole prefix (O(T^2) work per image); with it, each
 step runs one token through the model and attends to the cached keys/values.
 
-    python bench/sample.py            # writes bench/sample.md (shown in the README)
+    python bench/sample.py            # writes bench/sample.md (linked from docs/RESULTS.md)
 """
 import argparse
 import os

@@ -5,7 +5,7 @@ MFU = achieved model FLOP/s / peak, with the peak *measured* in the same run by 
 the same dtype (float32 and bf16), so the figure says how close the step gets to what this machine's
 matmul can do. Also prints where the time goes (torch.profiler, top ops) for one preset.
 
-    python bench/train_gpt.py            # writes bench/train_gpt.md (shown in the README)
+    python bench/train_gpt.py            # writes bench/train_gpt.md (linked from docs/RESULTS.md)
 """
 import argparse
 import os

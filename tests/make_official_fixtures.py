@@ -4,8 +4,8 @@ tests/test_official.py can check convert_official.py and this project's models a
 
 Run once, in a virtual environment with fairseq (the tests never need it):
     python3.11 -m venv /tmp/fairseq_env && . /tmp/fairseq_env/bin/activate
-    pip install torch==2.14.1 cython "numpy<2" && pip install fairseq-fixed==0.12.3.1 timm
-    git clone https://github.com/DAMO-NLP-SG/DiGIT /tmp/digit        # checked: cd6d8ca (2024-10)
+    pip install torch==2.14.1 cython "numpy<2" && pip install fairseq-fixed==0.12.3.1 timm einops
+    git clone https://github.com/DAMO-NLP-SG/DiGIT /tmp/digit && git -C /tmp/digit checkout cd6d8ca
     python tests/make_official_fixtures.py --digit /tmp/digit
 
 Four tiny models, each built from the official classes (fairseq_user/image_generation_stage{1,2}/model*.py)

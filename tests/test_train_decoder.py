@@ -241,7 +241,7 @@ def test_probe_and_eval_encode_the_real_images_once(decoder_out, tmp_path):
     assert p.returncode != 0 and "Inception weights did not load" in p.stderr and "Traceback" not in p.stderr
 
     # With a weights file (random weights of the same network: the wiring, not the numbers) FID and IS come
-    # from torch-fidelity, on exactly the images the README names: the sample PNGs, and the val images
+    # from torch-fidelity, on exactly the images eval.py documents: the sample PNGs, and the val images
     # resized (shorter side, bilinear as the official prepare_imgnet_val.py) and centre-cropped to the
     # samples' size. The reference reads both sets itself.
     torch.save(random_inception_weights(), tmp_path / "inception.pth")
