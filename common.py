@@ -122,6 +122,9 @@ def stop_if_not_finite(step, ckpt_path, **values):
 
 # ----------------------------------------------------------------------------- processes (torchrun)
 
+_OWN_GROUP = []  # [True] while a group init_distributed started is open
+
+
 def init_distributed(device_arg="auto", timeout=600.0):
     """(rank, world, device). Under torchrun: one process per GPU (NCCL, the GPU of LOCAL_RANK) or per CPU
     slot (gloo); without it, --device as given (cuda:3 is GPU 3).
@@ -134,6 +137,7 @@ def init_distributed(device_arg="auto", timeout=600.0):
     if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         start_heartbeat(timeout)
+        _OWN_GROUP.append(True)  # this stage started the group: finish_distributed ends it
     rank, world = rank_world()
     if cuda:
         index = int(os.environ.get("LOCAL_RANK",
@@ -243,7 +247,10 @@ def gather_objects(obj):
 
 
 def finish_distributed():
-    if dist.is_initialized():
+    """End the process group a stage started; one its caller started (a stage called from another script, as
+    eval.py --sweep or bench/gpu_smoke.py do) stays for the caller's next stage."""
+    if dist.is_initialized() and _OWN_GROUP:
+        _OWN_GROUP.clear()
         dist.destroy_process_group()
 
 

@@ -22,6 +22,7 @@ import traceback
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +64,9 @@ def stages(data, out, device):
     samp = [*sys_args, "--class", "0,1", "--num-samples", "2", "--batch-size", "2"]
     return [
         ("tokenize (ViT-S/14, 56 px, K=16, 3 views)", tokenize_kmeans.main,
-         ["--data", data, *sys_args, "--image-size", "56", "--crop-size", "64", "--k", "16", "--iters", "3",
-          "--workers", "0", "--batch-size", "8", "--views", "3"]),
+         ["--data", data, *sys_args, "--encoder", "dinov2_vits14_offline", "--image-size", "56",
+          "--crop-size", "64", "--k", "16", "--iters", "3", "--workers", "0", "--batch-size", "8",
+          "--views", "3"]),
         ("train_gpt (post-LN, emb-scale, dropout)", train_gpt.main,
          [*sys_args, "--max-steps", "4", "--batch-size", "8", "--eval-interval", "4", "--eval-batches", "1",
           *tiny, "--norm", "post", "--emb-scale", "--dropout", "0.1", "--force"]),
@@ -112,6 +114,10 @@ def main():
         synthetic_imagefolder(data)
     while not os.path.exists(os.path.join(data, ".ready")):
         time.sleep(0.2)  # the other ranks wait for rank 0's pictures
+    if "RANK" in os.environ:  # one process group for every stage (re-creating it on torchrun's one store
+        if device == "cuda":  # per stage hung gloo's rendezvous at the fifth stage)
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rows = []
     for name, fn, argv in stages(data, out, device):
         if device == "cuda":
@@ -124,6 +130,8 @@ def main():
             status = f"FAIL: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}"
             if not isinstance(e, SystemExit):
                 traceback.print_exc()
+        if dist.is_initialized():
+            dist.barrier()  # a stage ends when every rank is done: rank 0 may still be writing its files
         rows.append((name, status, time.time() - t, peak_memory(device)))
         print(f"== {name}: {status}, {rows[-1][2]:.1f} s, peak {rows[-1][3]:.2f} GB", flush=True)
     if int(os.environ.get("RANK", 0)) != 0:
