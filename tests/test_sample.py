@@ -40,6 +40,41 @@ def test_cache_logits_match_full_forward():
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def tiny_ar(seed=0):
+    from train_decoder import ARDecoder
+    torch.manual_seed(seed)
+    return ARDecoder(digit_vocab=VOCAB, vq_codes=12, length=9, n_layer=2, n_embd=32, n_head=4).eval()
+
+
+def test_ar_stage2_cache_logits_match_full_forward():
+    """The AR stage 2: [DiGIT | BOS] in one call, then one code per call, equals teacher forcing."""
+    from train_gpt import KVCache
+    model = tiny_ar()
+    digit, codes = torch.randint(VOCAB, (2, 9)), torch.randint(12, (2, 9))
+    full = model(digit, codes[:, :-1])  # logits of v_0 .. v_8
+    cache = KVCache(model, 2, length=18)
+    steps = [model(digit, codes[:, :0], cache=cache)[:, -1]]
+    steps += [model(None, codes[:, t: t + 1], cache=cache)[:, -1] for t in range(8)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_ar_decode_equals_an_uncached_loop():
+    """ar_decode (KV cache) draws what re-running the whole sequence for each code draws, with the same
+    generator: greedy and top-p 0.8."""
+    from train_decoder import ar_decode
+    from train_gpt import sample_token
+    model = tiny_ar()
+    digit = torch.randint(VOCAB, (3, 9))
+    for kw in (dict(top_k=1, top_p=1.0), dict(top_p=0.8)):
+        cached = ar_decode(model, digit, gen=torch.Generator().manual_seed(3), **kw)
+        gen, codes = torch.Generator().manual_seed(3), digit.new_zeros(3, 0)
+        with torch.no_grad():
+            for _ in range(9):
+                logits = model(digit, codes)[:, -1]
+                codes = torch.cat([codes, sample_token(logits, 1.0, kw.get("top_k", 0), kw["top_p"], gen)], 1)
+        assert cached.shape == (3, 9) and torch.equal(cached, codes), kw
+
+
 def test_top_k_one_is_greedy():
     model = tiny_gpt()
     labels = torch.tensor([0, 1, 2])
