@@ -40,7 +40,9 @@ resume() {  # --resume if an unfinished checkpoint exists
 refit() { if [ "$FORCE" = 1 ]; then echo --refit; fi; }
 force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refuse to overwrite a checkpoint without it
 
-GPT="--max-steps 600 --eval-interval 150 --ckpt-interval 150"  # the same GPT for both tokenizers (the paper's ablation)
+# the same GPT for both tokenizers (the paper's ablation); batch 32 costs half of 64 and keeps its quality
+# (docs/DEMO_TIMES.md)
+GPT="--batch-size 32 --max-steps 600 --eval-interval 150 --ckpt-interval 150"
 SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
 stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
