@@ -122,7 +122,7 @@ def stop_if_not_finite(step, ckpt_path, **values):
 
 # ----------------------------------------------------------------------------- processes (torchrun)
 
-_OWN_GROUP = []  # [True] while a group init_distributed started is open
+_STARTED = []  # one entry per init_distributed call not yet finished: did that call start the group?
 
 
 def init_distributed(device_arg="auto", timeout=600.0):
@@ -134,10 +134,11 @@ def init_distributed(device_arg="auto", timeout=600.0):
     (frozen, swapped out, SIGSTOPped) the others say which one it was instead of a bare 'Timed out'."""
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     torchrun = "RANK" in os.environ
-    if torchrun and not dist.is_initialized():
+    started = torchrun and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         start_heartbeat(timeout)
-        _OWN_GROUP.append(True)  # this stage started the group: finish_distributed ends it
+    _STARTED.append(started)
     rank, world = rank_world()
     if cuda:
         index = int(os.environ.get("LOCAL_RANK",
@@ -247,10 +248,10 @@ def gather_objects(obj):
 
 
 def finish_distributed():
-    """End the process group a stage started; one its caller started (a stage called from another script, as
-    eval.py --sweep or bench/gpu_smoke.py do) stays for the caller's next stage."""
-    if dist.is_initialized() and _OWN_GROUP:
-        _OWN_GROUP.clear()
+    """Pairs with the last unfinished init_distributed call: end the process group if that call started it.
+    A group a caller started (eval.py --sweep running sample.py, bench/gpu_smoke.py running every stage)
+    stays for the caller."""
+    if _STARTED and _STARTED.pop() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -368,8 +368,11 @@ def main(argv=None):
     if not folders and not sweep and not args.report:
         fail("nothing to do: give --samples, --vq-samples, --rendered, --vq-rendered and/or --sweep (see "
              "--help)")
-    results = score_folders(args, folders, sweep, train_tok, val_tok, device) if folders or sweep else {}
-    finish_distributed()
+    if folders or sweep:  # ends the process group itself, before rank 0 scores alone
+        results = score_folders(args, folders, sweep, train_tok, val_tok, device)
+    else:
+        results = {}
+        finish_distributed()
     if rank != 0:
         return None
     path = os.path.join(args.out, "eval.json")

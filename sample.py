@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from artifacts import (TMP_TAG, SampleFolder, check_lineage, expect, load_artifact, save_atomic,
                        tensor_fingerprint)
-from common import (add_system_args, autocast, autocast_dtype, bounded, fail, init_distributed, mass,
-                    nonneg_int, parser, positive_int, precision_name, seeded)
+from common import (add_system_args, autocast, autocast_dtype, bounded, fail, finish_distributed,
+                    init_distributed, mass, nonneg_int, parser, positive_int, precision_name, seeded)
 from data import add_tokenizer_arg, base_view
 from train_decoder import ar_decode, decode, load_decoder
 from train_direct import direct_render, load_direct
@@ -291,7 +291,6 @@ def finish(args, folder, labels, n, gpt_ck, starts):
 
 def main(argv=None):
     args = get_args(argv)
-    owner = not dist.is_initialized()  # eval.py --sweep calls us inside its own process group
     rank, world, device = init_distributed(args.device, args.dist_timeout)
     dtype = autocast_dtype(args.precision, device)
     gpt, gpt_ck = load_gpt(gpt_path(args.out, args.tokenizer), device)
@@ -350,8 +349,7 @@ def main(argv=None):
         folder.finish()
     if dist.is_initialized():
         dist.barrier()
-        if owner:
-            dist.destroy_process_group()
+    finish_distributed()  # eval.py --sweep calls us inside its own process group: that one stays
     return result
 
 

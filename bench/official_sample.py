@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import autocast, cpu_has_bf16  # noqa: E402
+from common import autocast, cpu_has_bf16, positive_int  # noqa: E402
 from sample import generate  # noqa: E402
 from train_decoder import ARDecoder, ar_decode  # noqa: E402
 from train_gpt import GPT  # noqa: E402
@@ -55,7 +55,7 @@ def one_run(gpt, ar, vq, batch, device, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=1, help="images per batch (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=1, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "official_sample.md"), help="the table")
     args = p.parse_args()

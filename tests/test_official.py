@@ -9,15 +9,14 @@ import pytest
 import torch
 
 import convert_official
-from data import ResizeTensor
+from data import IMAGENET_MEAN, IMAGENET_STD, ResizeTensor
 from dinov2 import load_encoder
 from make_vq_fixtures import FIXTURES, fixed_weights
 from tokenize_kmeans import nearest_centroid
 
 FX = torch.load(os.path.join(FIXTURES, "official_digit.pt"), weights_only=True)
 IMAGES = FX["images"].float() / 255  # the two 256 px pictures every official model was run on
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+MEAN, STD = (torch.tensor(v)[:, None, None] for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def official_state_dict(fx):
