@@ -423,7 +423,9 @@ def features(local):
 classify = fit_linear(features, 40, y[rows], 2, epochs=3, lr=0.1, batch_size=8, seed=0)
 acc = sharded_accuracy(classify, features, y[rows], 1, device)
 assert touched <= set(rows.tolist()), "a rank read rows it does not hold"
-print("RESULT", rank, float(classify(feats[:, :5]).sum()), float(acc[0]))
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(os.path.join({out!r}, f"result_{{rank}}_of_{{world}}.txt"), "w") as f:
+    f.write(f"{{float(classify(feats[:, :5]).sum())}} {{float(acc[0])}}")
 """
 
 
@@ -432,15 +434,14 @@ def test_sharded_sets_stay_sharded_and_train_what_one_process_trains(tmp_path):
     compact dtype); the linear classifiers read only the rows their rank holds and still train exactly what
     one process trains on all rows (the full-batch gradient, summed over ranks)."""
     script = tmp_path / "shards.py"
-    script.write_text(SHARDS.format(root=ROOT))
+    script.write_text(SHARDS.format(root=ROOT, out=str(tmp_path)))
     results = {}
     for nproc in (1, 2):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node", str(nproc), str(script)], capture_output=True, text=True,
                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert p.returncode == 0, p.stderr[-2000:]
-        lines = p.stdout.splitlines()
-        results[nproc] = sorted(line.split()[1:] for line in lines if line.startswith("RESULT"))
-    (_, logits1, acc1), = results[1]
-    for _, logits2, acc2 in results[2]:
+        results[nproc] = [(tmp_path / f"result_{r}_of_{nproc}.txt").read_text().split() for r in range(nproc)]
+    (logits1, acc1), = results[1]
+    for logits2, acc2 in results[2]:
         assert abs(float(logits2) - float(logits1)) < 1e-4 and acc2 == acc1
