@@ -100,7 +100,8 @@ def get_args(argv=None):
     a("--vq", default=None, help="the VQ whose codes it learns (default: OUT/vq.pt)")
     a("--dropout", type=fraction, default=0.0, help="embedding and residual dropout (default: %(default)s)")
     a("--label-smoothing", type=fraction, default=0.0, help="cross-entropy smoothing (default: %(default)s)")
-    a("--layout", default="ours", choices=["ours", "fairseq"], help="maskgit: fairseq = the official model's")
+    a("--layout", default="ours", choices=["ours", "fairseq", "aligned"],
+      help="maskgit: fairseq = the official model's, aligned = one position per patch (default: %(default)s)")
     a("--decode-steps", type=positive_int, default=8, help="maskgit: decoding steps T (default: %(default)s)")
     a("--top-p", type=fraction, default=0.8, help="ar: nucleus mass when rendering (default: %(default)s)")
     return finish_args(p.parse_args(argv))
@@ -125,16 +126,18 @@ class MaskGIT(nn.Module):
 
     layout "fairseq" is the official model's (fairseq_user/image_generation_stage2/model_nar.py): embeddings x
     sqrt(width) (initialised with std width^-1/2), a separator token between the two parts (fairseq's </s>)
-    with the VQ part's first position, and an output projection without bias."""
+    with the VQ part's first position, and an output projection without bias.
+    layout "aligned" (the demo's) is not the paper's: the two grids are the same patches, so position i holds
+    the sum of patch i's DiGIT embedding and its VQ code's (or [MASK]'s): half the sequence, half the cost."""
 
     def __init__(self, digit_vocab, vq_codes, length, n_layer, n_embd, n_head, dropout=0.0, layout="ours"):
         super().__init__()
         self.length, self.mask_id = length, vq_codes
-        self.sep = layout == "fairseq"
+        self.sep, self.aligned = layout == "fairseq", layout == "aligned"
         self.scale = math.sqrt(n_embd) if self.sep else 1.0
         self.digit_emb = nn.Embedding(digit_vocab, n_embd)
         self.vq_emb = nn.Embedding(vq_codes + 1 + self.sep, n_embd)  # + [MASK] (+ the separator)
-        self.pos_emb = nn.Embedding(2 * length + self.sep, n_embd)
+        self.pos_emb = nn.Embedding((1 if self.aligned else 2) * length + self.sep, n_embd)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, "pre", causal=False)
                                     for _ in range(n_layer))
@@ -149,7 +152,8 @@ class MaskGIT(nn.Module):
         parts = [self.digit_emb(digit), self.vq_emb(vq)]
         if self.sep:
             parts.insert(1, self.vq_emb.weight[-1:].expand(len(digit), 1, -1))
-        x = self.drop(torch.cat(parts, dim=1) * self.scale + self.pos_emb.weight)
+        x = parts[0] + parts[1] if self.aligned else torch.cat(parts, dim=1)
+        x = self.drop(x * self.scale + self.pos_emb.weight)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x[:, -self.length:]))

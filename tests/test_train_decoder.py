@@ -27,14 +27,16 @@ def test_mask_schedule_counts():
     assert abs(n.mean().item() - L * 2 / torch.pi) < 2  # E[cos(u pi/2)] = 2/pi
 
 
-def tiny_maskgit():
+def tiny_maskgit(layout="ours"):
     torch.manual_seed(0)
-    return MaskGIT(digit_vocab=16, vq_codes=12, length=9, n_layer=2, n_embd=32, n_head=2).eval()
+    return MaskGIT(digit_vocab=16, vq_codes=12, length=9, n_layer=2, n_embd=32, n_head=2,
+                   layout=layout).eval()
 
 
+@pytest.mark.parametrize("layout", ["ours", "fairseq", "aligned"])
 @pytest.mark.parametrize("steps", [1, 4, 8])
-def test_decode_fills_everything_and_keeps_known_tokens(steps):
-    model = tiny_maskgit()
+def test_decode_fills_everything_and_keeps_known_tokens(steps, layout):
+    model = tiny_maskgit(layout)
     digit = torch.randint(16, (5, 9))
     out = decode(model, digit, steps=steps, gen=torch.Generator().manual_seed(0))
     assert out.shape == (5, 9) and (out != model.mask_id).all() and out.max() < 12
@@ -74,10 +76,11 @@ def test_decode_keeps_the_most_confident_tokens_first():
     assert after_second[:, 2].all() and after_second[:, 5].all()
 
 
-def test_maskgit_attends_both_ways():
+@pytest.mark.parametrize("layout", ["ours", "fairseq", "aligned"])
+def test_maskgit_attends_both_ways(layout):
     """A bidirectional decoder: changing a later VQ token changes the logits of an earlier position (and a
-    DiGIT token changes every position)."""
-    model = tiny_maskgit()
+    DiGIT token changes every position), in every layout."""
+    model = tiny_maskgit(layout)
     digit, vq = torch.randint(16, (1, 9)), torch.randint(12, (1, 9))
     base = model(digit, vq)
     later = vq.clone()
@@ -86,6 +89,27 @@ def test_maskgit_attends_both_ways():
     other = digit.clone()
     other[0, 8] = (other[0, 8] + 1) % 16
     assert ((model(other, vq) - base).abs().amax(-1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("layout", ["ours", "aligned"])
+def test_maskgit_learns_a_token_to_code_map(layout):
+    """Both layouts can learn what stage 2 must: the VQ code of each patch from the DiGIT tokens (here a fixed
+    map code = f(token, position)), decoded from all [MASK]; aligned does it with half the positions."""
+    torch.manual_seed(0)
+    model = MaskGIT(digit_vocab=8, vq_codes=10, length=4, n_layer=2, n_embd=32, n_head=2, layout=layout)
+    assert model.pos_emb.num_embeddings == (4 if layout == "aligned" else 8)
+    digit = torch.randint(8, (16, 4))
+    target = (digit * 3 + torch.arange(4)) % 10
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        masks = random_mask(16, 4)
+        logits = model(digit, torch.where(masks, torch.full_like(target, model.mask_id), target))
+        loss = F.cross_entropy(logits[masks], target[masks])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = decode(model.eval(), digit, steps=4, gen=torch.Generator().manual_seed(0))
+    assert (out == target).float().mean() > 0.95
 
 
 def test_straight_through_gradient_reaches_the_encoder():
@@ -159,6 +183,26 @@ def test_checkpoints_round_trip(decoder_out):
     assert {"psnr", "codes_used", "perplexity"} <= set(vq_ck["metrics"])
     assert {"vq_token_acc", "psnr"} <= set(dec_ck["metrics"])
     assert os.path.getsize(os.path.join(decoder_out, "decoder_val.png")) > 0
+
+
+def test_aligned_maskgit_trains_saves_and_renders(decoder_out, tmp_path):
+    """--layout aligned (the demo's): the checkpoint records it, load_decoder rebuilds it with one position
+    per patch, and sample.py renders real tokens through it."""
+    from train_decoder import load_decoder
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("tokens_train.pt", "tokens_val.pt", "vq.pt", "vq_tokens_train.pt", "vq_tokens_val.pt"):
+        os.link(os.path.join(decoder_out, f), out / f)
+    train_decoder.main(["--stage", "maskgit", "--layout", "aligned", "--max-steps", "2", "--n-layer", "1",
+                        "--out", str(out), "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+                        "--eval-images", "4"])
+    dec, ck = load_decoder(str(out / "decoder.pt"), torch.device("cpu"))
+    assert ck["model_args"]["layout"] == "aligned" and dec.aligned and dec.pos_emb.num_embeddings == 16
+    run_script("train_gpt.py", "--out", out, "--max-steps", "1", "--batch-size", "4", "--n-layer", "1",
+               "--precision", "fp32")  # sample.py checks real tokens against the GPT's kind
+    run_script("sample.py", "--out", out, "--from-tokens", out / "tokens_val.pt", "--num-samples", "3",
+               "--samples-dir", tmp_path / "r", "--precision", "fp32")
+    assert len(list((tmp_path / "r").glob("0000*_class*.png"))) == 3
 
 
 def test_bad_inputs(decoder_out, tmp_path):
