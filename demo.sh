@@ -52,8 +52,10 @@ stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same ima
     $(resume vq.pt) $(force)
 stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
     $(resume gpt_vq.pt) $(force)
+# MaskGIT with one position per patch (--layout aligned): half the paper's sequence, renders as well (docs/DEMO_TIMES.md)
 stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit \
-    --out "$OUT" --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 $(resume decoder.pt) $(force)
+    --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 \
+    $(resume decoder.pt) $(force)
 stage sample "6/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE \
     --show-tokens
 stage sample_vq "7/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq --out "$OUT" \
