@@ -48,7 +48,8 @@ stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans
 stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
 stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
 stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" python train_vq.py \
-    --out "$OUT" --max-steps 450 --lr 1e-3 --vq-channels 32 --perceptual 0 --eval-interval 450 --ckpt-interval 150 \
+    --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 --eval-interval 450 \
+    --ckpt-interval 150 \
     $(resume vq.pt) $(force)
 stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
     $(resume gpt_vq.pt) $(force)
