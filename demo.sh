@@ -47,13 +47,15 @@ SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
 stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
 stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
+# the VQ at batch 16: its reconstructions and renders as at 32, in about half the time (docs/DEMO_TIMES.md)
 stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" python train_vq.py \
     --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 --eval-interval 450 \
     --ckpt-interval 150 \
     $(resume vq.pt) $(force)
 stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
     $(resume gpt_vq.pt) $(force)
-# MaskGIT with one position per patch (--layout aligned): half the paper's sequence, renders as well (docs/DEMO_TIMES.md)
+# MaskGIT with one position per patch (--layout aligned): half the paper's sequence and time; it renders real
+# tokens as well and GPT samples ~2 points less recognisably (docs/DEMO_TIMES.md)
 stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit \
     --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 \
     $(resume decoder.pt) $(force)
