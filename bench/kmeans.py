@@ -71,22 +71,23 @@ def run_ours(x, C0, dtype=None, iters=None):
     return C, (time.perf_counter() - t) / iters
 
 
-def emulated_bf16_nearest(x, C, chunk=None):
+def emulated_bf16_nearest(x, C, chunk=None, x_sq=None):
     """The bf16 assignment step computed in float32 with bf16's rounding: inputs and the x.c products rounded
     to bf16 as a bf16 GEMM rounds them (fp32 accumulation, bf16 output), the norms added in float32. Same
     labels as real bf16 up to ties, at fp32 speed: for CPUs without bf16 instructions, where a real bf16
-    matmul runs at ~1 GFLOP/s."""
+    matmul runs at ~1 GFLOP/s. Same signature as nearest_centroid, which kmeans() calls."""
     if x.dtype != torch.bfloat16:
-        return nearest_centroid(x, C, chunk)  # the final, exact float32 assignment
+        return nearest_centroid(x, C, chunk, x_sq)  # the final, exact float32 assignment
     xf, Cb = x.float(), C.float().bfloat16().float()
     c_sq = (C.float() * C.float()).sum(1)
+    x_sq = xf.pow(2).sum(1) if x_sq is None else x_sq
     idx, dists = [], []
     for s in range(0, len(x), 8192):
         # as nearest_centroid's bf16 branch
         d = (xf[s: s + 8192] @ Cb.t()).bfloat16().float().mul_(-2).add_(c_sq)
         dmin, i = d.min(1)
         idx.append(i)
-        dists.append((dmin + xf[s: s + 8192].pow(2).sum(1)).clamp_min_(0))
+        dists.append((dmin + x_sq[s: s + 8192]).clamp_min_(0))
     return torch.cat(idx), torch.cat(dists)
 
 
