@@ -135,8 +135,8 @@ def nearest_centroid(x, C, chunk=None, x_sq=None):
 
 def default_chunk(k, device):
     """Rows per [chunk, K] tile. A GPU wants few large launches (a ~32 MB tile); a CPU wants the tile to stay
-    in its caches while it is offset and reduced: in fp32 with AVX2, 2-4 MB tiles made the assignment step
-    1.16-1.32x faster than 32 MB ones at K = 1024 and 512 (bench/kmeans.md)."""
+    in its caches while it is offset and reduced: in fp32 on a CPU with AVX2 only, 2-4 MB tiles made the
+    assignment step 1.13-1.33x faster than 32 MB ones at K = 512 and 1024 (docs/RESULTS.md, Benchmarks)."""
     if device.type == "cuda":
         return max(256, min(16384, 2 ** 23 // k))
     return max(256, min(4096, 2 ** 19 // k))

@@ -64,8 +64,7 @@ def inertia(x, C):
     return float(nearest_centroid(x, C)[1].double().sum())
 
 
-def run_ours(x, C0, dtype=None, iters=None):
-    iters = iters or args.iters
+def run_ours(x, C0, iters, dtype=None):
     t = time.perf_counter()
     C, _ = kmeans(x, C0, iters=iters, tol=0, verbose=False, dtype=dtype)
     return C, (time.perf_counter() - t) / iters
@@ -91,18 +90,17 @@ def emulated_bf16_nearest(x, C, chunk=None, x_sq=None):
     return torch.cat(idx), torch.cat(dists)
 
 
-def run_ours_bf16(x, C0, iters=None):
+def run_ours_bf16(x, C0, iters):
     if not BF16_FAST:
         tokenize_kmeans.nearest_centroid = emulated_bf16_nearest
     try:
-        return run_ours(x, C0, torch.bfloat16, iters)
+        return run_ours(x, C0, iters, torch.bfloat16)
     finally:
         tokenize_kmeans.nearest_centroid = nearest_centroid
 
 
-def run_faiss(x, C0, iters=None):
+def run_faiss(x, C0, iters):
     import faiss
-    iters = iters or args.iters
     faiss.omp_set_num_threads(threads)
     km = faiss.Kmeans(x.shape[1], len(C0), niter=iters, max_points_per_centroid=10 ** 9, seed=0)
     t = time.perf_counter()
@@ -110,12 +108,11 @@ def run_faiss(x, C0, iters=None):
     return torch.from_numpy(km.centroids), (time.perf_counter() - t) / iters
 
 
-def run_sklearn(x, C0, iters=None):
+def run_sklearn(x, C0, iters):
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
     with threadpool_limits(threads):
-        km = KMeans(len(C0), init=C0.numpy(), n_init=1, max_iter=iters or args.iters, tol=0,
-                    algorithm="lloyd")
+        km = KMeans(len(C0), init=C0.numpy(), n_init=1, max_iter=iters, tol=0, algorithm="lloyd")
         t = time.perf_counter()
         km.fit(x.numpy())
         dt = time.perf_counter() - t
@@ -128,7 +125,7 @@ def bf16_vs_fp32(x, k):
     diffs = []
     for seed in range(1, args.seeds + 1):
         C0 = init_centroids(x[torch.randperm(len(x), generator=seeded(seed))[: 16 * k]], k, seed=seed)
-        i32, i16 = inertia(x, run_ours(x, C0)[0]), inertia(x, run_ours_bf16(x, C0)[0])
+        i32, i16 = inertia(x, run_ours(x, C0, args.iters)[0]), inertia(x, run_ours_bf16(x, C0, args.iters)[0])
         diffs.append(100 * (i16 / i32 - 1))
     return diffs
 
@@ -157,8 +154,8 @@ for name, make, k in problems:
     results = {}
     for lib, fn in (("ours (torch fp32)", run_ours), (BF16_NAME, run_ours_bf16), ("faiss-cpu", run_faiss),
                     ("scikit-learn lloyd", run_sklearn)):
-        fn(x, C0, iters=1)  # untimed: first-call costs (oneDNN's bf16 kernels are built per shape)
-        C, spi = fn(x, C0)
+        fn(x, C0, 1)  # untimed: first-call costs (oneDNN's bf16 kernels are built per shape)
+        C, spi = fn(x, C0, args.iters)
         results[lib] = (spi, inertia(x, C))
         print(f"  {lib:22s} {spi:7.3f} s/iter  inertia {results[lib][1]:.6g}")
     ref_spi, ref_in = results["ours (torch fp32)"]

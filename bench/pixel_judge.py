@@ -93,7 +93,7 @@ t0 = time.time()
 for seed in range(args.seeds):
     judge = train_judge(x_train, y_train, n_classes, seed)
     rows["real val digits"].append(agreement(judge, x_val, y_val))
-    for f, (files, wanted, fsize, _) in folders.items():
+    for f, (files, wanted, _, _) in folders.items():
         rows[f].append(agreement(judge, grey(load_images(files, size)), wanted))
     print(f"judge {seed}: real val {100 * rows['real val digits'][-1]:.1f}% "
           + " ".join(f"{os.path.basename(f)} {100 * r[-1]:.1f}%" for f, r in rows.items() if f in folders))
