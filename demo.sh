@@ -27,12 +27,32 @@ stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists; its ti
         echo "== $title: done before, skipped (bash demo.sh --force to redo)"
         return
     fi
-    echo "== $title"
     local t0=$SECONDS
-    "$@" --precision "$PRECISION"
+    if [ -n "${TO_LOG:-}" ]; then  # the second of two side-by-side stages: its progress bars go to a file
+        echo "== $title (alongside; its output: $OUT/logs/$key.txt)"
+        "$@" --precision "$PRECISION" > "$OUT/logs/$key.txt" 2>&1 || {
+            echo "== $title FAILED; the end of $OUT/logs/$key.txt:" >&2; tail -n 15 "$OUT/logs/$key.txt" >&2
+            return 1; }
+    else
+        echo "== $title"
+        "$@" --precision "$PRECISION"
+    fi
     touch "$OUT/.done-$key"
     echo "$key $((SECONDS - t0))" >> "$OUT/timings.txt"
     echo "== $title: $((SECONDS - t0)) s"
+}
+# Stages that do not need each other's output run two at a time, each with half of the cores: on a
+# 2-core CPU two one-thread jobs do 1.3-1.5x the work of one job on both cores (these models' matrices are
+# too small to split well between threads; docs/DEMO_TIMES.md).
+HALF=$(( $(getconf _NPROCESSORS_ONLN) / 2 )); [ "$HALF" -ge 1 ] || HALF=1
+side_by_side() {  # side_by_side F G: the stages of functions F and G at once; G's output goes to OUT/logs/
+    mkdir -p "$OUT/logs"
+    ( export OMP_NUM_THREADS=$HALF; "$1" ) & local f=$!
+    ( export OMP_NUM_THREADS=$HALF TO_LOG=1; "$2" ) & local g=$!
+    local ok=0
+    wait "$f" || ok=1
+    wait "$g" || ok=1  # a failure in one still lets the other finish its stage: nothing is left half-written
+    return "$ok"
 }
 resume() {  # --resume if an unfinished checkpoint exists
     if [ "$FORCE" = 0 ] && [ -e "$OUT/$1" ]; then echo --resume; fi
@@ -45,32 +65,45 @@ force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refus
 GPT="--batch-size 32 --max-steps 600 --eval-interval 150 --ckpt-interval 150"
 SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
 stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
-stage gallery "1/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
-stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
+
+digit_gpt() {
+    stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
+}
 # the VQ at batch 16: its reconstructions and renders as at 32, in about half the time (docs/DEMO_TIMES.md)
-stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" python train_vq.py \
-    --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 --eval-interval 450 \
-    --ckpt-interval 150 \
-    $(resume vq.pt) $(force)
-stage gpt_vq "4/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" $GPT \
-    $(resume gpt_vq.pt) $(force)
+pixel_vq() {
+    stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" \
+        python train_vq.py --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 \
+        --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
+    stage gallery "3/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
+    stage render_vq "3/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
+        --tokenizer vq --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 \
+        --samples-dir "$OUT/rendered_val_vq"
+}
+side_by_side digit_gpt pixel_vq
+
 # MaskGIT with one position per patch (--layout aligned): half the paper's sequence and time; it renders real
 # tokens as well and GPT samples ~2 points less recognisably (docs/DEMO_TIMES.md)
-stage maskgit "5/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py --stage maskgit \
-    --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 --ckpt-interval 250 \
-    $(resume decoder.pt) $(force)
-stage sample "6/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE \
+maskgit() {
+    stage maskgit "4/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py \
+        --stage maskgit --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 \
+        --ckpt-interval 250 $(resume decoder.pt) $(force)
+}
+vq_gpt_and_probes() {
+    stage gpt_vq "5/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" \
+        $GPT $(resume gpt_vq.pt) $(force)
+    stage probe "6/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
+    stage probe_vq "7/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
+    stage stability "8/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
+        --out "$OUT" --images 100
+    stage sample_vq "9/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq \
+        --out "$OUT" $SAMPLE
+}
+side_by_side maskgit vq_gpt_and_probes
+
+stage sample "10/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE \
     --show-tokens
-stage sample_vq "7/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq --out "$OUT" \
-    $SAMPLE
-stage probe "8/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
-stage probe_vq "9/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
-stage render "10/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
+stage render "11/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
     --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
-stage render_vq "10/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
-    --tokenizer vq --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val_vq"
-stage stability "11/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
-    --out "$OUT" --images 100
 stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" \
     --samples "$OUT/samples" --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" \
     --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
