@@ -12,7 +12,8 @@ T_START=$SECONDS
 source ./setup_env.sh requirements.txt
 FORCE=0; [ "${1:-}" = "--force" ] && FORCE=1
 OUT="${DIGIT_OUT:-out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
+rm -f "$OUT/.failed"
 if [ "$FORCE" = 1 ]; then  # a forced run redoes every stage: no marker or sample folder of the old run survives
     rm -f "$OUT"/.done-*
     rm -rf "$OUT"/samples "$OUT"/samples_vq "$OUT"/rendered_val "$OUT"/rendered_val_vq
@@ -27,11 +28,13 @@ stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists; its ti
         echo "== $title: done before, skipped (bash demo.sh --force to redo)"
         return
     fi
+    if [ -e "$OUT/.failed" ]; then echo "== $title: not started, the other lane failed" >&2; return 1; fi
     local t0=$SECONDS
-    if [ -n "${TO_LOG:-}" ]; then  # the second of two side-by-side stages: its progress bars go to a file
-        echo "== $title (alongside; its output: $OUT/logs/$key.txt)"
+    if [ -n "${TO_LOG:-}" ]; then  # the second lane: its progress bars go to a file, not across the first's
+        printf '\n== %s (second lane; its output: %s)\n' "$title" "$OUT/logs/$key.txt"
         "$@" --precision "$PRECISION" > "$OUT/logs/$key.txt" 2>&1 || {
-            echo "== $title FAILED; the end of $OUT/logs/$key.txt:" >&2; tail -n 15 "$OUT/logs/$key.txt" >&2
+            printf '\n== %s FAILED; the end of %s:\n' "$title" "$OUT/logs/$key.txt" >&2
+            tail -n 15 "$OUT/logs/$key.txt" >&2
             return 1; }
     else
         echo "== $title"
@@ -39,20 +42,25 @@ stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists; its ti
     fi
     touch "$OUT/.done-$key"
     echo "$key $((SECONDS - t0))" >> "$OUT/timings.txt"
-    echo "== $title: $((SECONDS - t0)) s"
+    echo "${TO_LOG:+$'\n'}== $title: $((SECONDS - t0)) s"  # the second lane's lines start on a line of their own
 }
-# Stages that do not need each other's output run two at a time, each with half of the cores: on a
-# 2-core CPU two one-thread jobs do 1.3-1.5x the work of one job on both cores (these models' matrices are
-# too small to split well between threads; docs/DEMO_TIMES.md).
+# After the tokenizer, the stages run in two lanes at once, each with half of the cores: on a 2-core CPU
+# two one-thread jobs do 1.2-1.5x the work of one job on both cores (these models' matrices are too small to
+# split well between threads; docs/DEMO_TIMES.md). A stage that reads what the other lane makes waits for it.
 HALF=$(( $(getconf _NPROCESSORS_ONLN) / 2 )); [ "$HALF" -ge 1 ] || HALF=1
-side_by_side() {  # side_by_side F G: the stages of functions F and G at once; G's output goes to OUT/logs/
-    mkdir -p "$OUT/logs"
-    ( export OMP_NUM_THREADS=$HALF; "$1" ) & local f=$!
-    ( export OMP_NUM_THREADS=$HALF TO_LOG=1; "$2" ) & local g=$!
+two_lanes() {  # two_lanes F G: the stages of functions F and G at once; G's output goes to OUT/logs/
+    ( trap '[ $? = 0 ] || touch "$OUT/.failed"' EXIT; export OMP_NUM_THREADS=$HALF; "$1" ) & local f=$!
+    ( trap '[ $? = 0 ] || touch "$OUT/.failed"' EXIT; export OMP_NUM_THREADS=$HALF TO_LOG=1; "$2" ) & local g=$!
     local ok=0
     wait "$f" || ok=1
-    wait "$g" || ok=1  # a failure in one still lets the other finish its stage: nothing is left half-written
+    wait "$g" || ok=1  # a failing lane stops the other before its next stage: nothing is left half-written
     return "$ok"
+}
+after() {  # after KEY: wait until the other lane has finished stage KEY (fail if that lane failed)
+    until [ -e "$OUT/.done-$1" ]; do
+        if [ -e "$OUT/.failed" ]; then return 1; fi
+        sleep 1
+    done
 }
 resume() {  # --resume if an unfinished checkpoint exists
     if [ "$FORCE" = 0 ] && [ -e "$OUT/$1" ]; then echo --resume; fi
@@ -66,44 +74,40 @@ GPT="--batch-size 32 --max-steps 600 --eval-interval 150 --ckpt-interval 150"
 SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
 stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 
-digit_gpt() {
+gpts_and_probes() {  # the first lane: the paper's ablation, the same GPT on both kinds of tokens
     stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
-}
-# the VQ at batch 16: its reconstructions and renders as at 32, in about half the time (docs/DEMO_TIMES.md)
-pixel_vq() {
-    stage vq "3/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" \
-        python train_vq.py --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 \
-        --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
-    stage gallery "3/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
-    stage render_vq "3/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
+    after vq
+    stage gpt_vq "3/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" \
+        $GPT $(resume gpt_vq.pt) $(force)
+    stage probe "4/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
+    stage probe_vq "5/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
+    stage sample_vq "6/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq \
+        --out "$OUT" $SAMPLE
+    stage render_vq "7/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
         --tokenizer vq --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 \
         --samples-dir "$OUT/rendered_val_vq"
-}
-side_by_side digit_gpt pixel_vq
-
-# MaskGIT with one position per patch (--layout aligned): half the paper's sequence and time; it renders real
-# tokens as well and GPT samples ~2 points less recognisably (docs/DEMO_TIMES.md)
-maskgit() {
-    stage maskgit "4/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py \
-        --stage maskgit --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 \
-        --ckpt-interval 250 $(resume decoder.pt) $(force)
-}
-vq_gpt_and_probes() {
-    stage gpt_vq "5/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" \
-        $GPT $(resume gpt_vq.pt) $(force)
-    stage probe "6/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
-    stage probe_vq "7/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
     stage stability "8/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
         --out "$OUT" --images 100
-    stage sample_vq "9/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq \
-        --out "$OUT" $SAMPLE
 }
-side_by_side maskgit vq_gpt_and_probes
+# The VQ at batch 16: its reconstructions and renders as at 32, in about half the time. MaskGIT with one
+# position per patch (--layout aligned): half the paper's sequence and time; it renders real tokens as well
+# and GPT samples ~2 points less recognisably (docs/DEMO_TIMES.md).
+vq_and_decoder() {  # the second lane: stage 2, the pixel VQ and the MaskGIT decoder into it
+    stage vq "9/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" \
+        python train_vq.py --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 \
+        --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
+    stage gallery "9/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
+    stage maskgit "10/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py \
+        --stage maskgit --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 \
+        --ckpt-interval 250 $(resume decoder.pt) $(force)
+    after gpt
+    stage render "11/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
+        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
+    stage sample "11/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
+        $SAMPLE --show-tokens
+}
+two_lanes gpts_and_probes vq_and_decoder
 
-stage sample "10/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" $SAMPLE \
-    --show-tokens
-stage render "11/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
-    --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
 stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" \
     --samples "$OUT/samples" --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" \
     --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
