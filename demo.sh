@@ -48,9 +48,14 @@ stage() {  # stage KEY TITLE COMMAND...: run unless OUT/.done-KEY exists; its ti
 # two one-thread jobs do 1.2-1.5x the work of one job on both cores (these models' matrices are too small to
 # split well between threads; docs/DEMO_TIMES.md). A stage that reads what the other lane makes waits for it.
 HALF=$(( $(getconf _NPROCESSORS_ONLN) / 2 )); [ "$HALF" -ge 1 ] || HALF=1
+in_lane() {  # in_lane F (in a subshell): F's stages with half of the cores; a failure marks the run failed
+    trap '[ $? = 0 ] || touch "$OUT/.failed"' EXIT
+    export OMP_NUM_THREADS=$HALF
+    "$1"
+}
 two_lanes() {  # two_lanes F G: the stages of functions F and G at once; G's output goes to OUT/logs/
-    ( trap '[ $? = 0 ] || touch "$OUT/.failed"' EXIT; export OMP_NUM_THREADS=$HALF; "$1" ) & local f=$!
-    ( trap '[ $? = 0 ] || touch "$OUT/.failed"' EXIT; export OMP_NUM_THREADS=$HALF TO_LOG=1; "$2" ) & local g=$!
+    ( in_lane "$1" ) & local f=$!
+    ( TO_LOG=1; in_lane "$2" ) & local g=$!
     local ok=0
     wait "$f" || ok=1
     wait "$g" || ok=1  # a failing lane stops the other before its next stage: nothing is left half-written
