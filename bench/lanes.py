@@ -105,9 +105,8 @@ def main():
              f"`python bench/lanes.py --out out --repeats {args.repeats} --gpt-steps {args.gpt_steps} "
              f"--maskgit-steps {args.maskgit_steps}`: the GPT on DiGIT tokens "
              f"({args.gpt_steps} steps) and the MaskGIT decoder ({args.maskgit_steps} steps) of demo.sh, "
-             "fp32; "
-             f"serial = one after the other with {CORES} threads each, lanes = both at once with {HALF} "
-             "each. Wall seconds, alternated:",
+             f"fp32; serial = one after the other with {CORES} threads each, lanes = both at once with "
+             f"{HALF} each. Wall seconds, alternated:",
              "", "| pair | serial | lanes | serial / lanes |", "|---|---|---|---|"]
     table += [f"| {i + 1} | {s:.1f} | {ln:.1f} | {s / ln:.2f} |" for i, (s, ln) in enumerate(rows)]
     mean = sum(ratios) / len(ratios)
