@@ -55,7 +55,7 @@ def run_demo(tmp_path, *args, ok=True):
     events = []
     for line in log.read_text().splitlines():
         what, threads, *argv = line.split()
-        if argv[:2] != ["-m", "pip"]:
+        if argv[0] != "-m":  # not the installer (python -m pip / python -m uv)
             events.append((what, threads, stage_of(argv), argv))
     return events, p
 
@@ -140,3 +140,25 @@ def test_a_failing_stage_stops_both_lanes_and_shows_its_log(tmp_path):
     assert (tmp_path / "out" / ".done-gpt").exists() and not (tmp_path / "out" / ".done-vq").exists()
     assert not {"gallery", "maskgit", "gpt_vq", "eval"} & set(ran)  # ... and nothing after them starts
     assert "the VQ broke here" in p.stderr and "logs/vq.txt" in p.stderr
+
+
+def installs(tmp_path, extra="", **env):
+    """Source setup_env.sh with the stand-in python (no stamp yet); return the installer commands it ran."""
+    make_fake_python(tmp_path, extra)
+    log = tmp_path / "log.txt"
+    log.write_text("")
+    env = {**os.environ, "DIGIT_VENV": str(tmp_path / "venv"), "DIGIT_LOG": str(log), **env}
+    p = subprocess.run(["bash", "-c", "source ./setup_env.sh requirements.txt"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return [" ".join(line.split()[2:5]) for line in log.read_text().splitlines() if line.startswith("start")], p
+
+
+def test_setup_installs_with_uv_and_falls_back_to_pip(tmp_path):
+    ran, _ = installs(tmp_path / "uv")
+    assert ran == ["-m pip install", "-m uv pip"]  # pip fetches uv, uv installs the requirements
+    ran, p = installs(tmp_path / "fallback", 'case "$*" in *"-m uv"*) exit 1;; esac\n')
+    assert ran == ["-m pip install", "-m uv pip", "-m pip install"] and "pip instead" in p.stdout
+    ran, _ = installs(tmp_path / "pip", DIGIT_INSTALLER="pip")
+    assert ran == ["-m pip install"]
+    assert installs(tmp_path / "pip", DIGIT_INSTALLER="pip")[0] == []  # the stamp: installed once
