@@ -77,43 +77,44 @@ force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refus
 # (docs/DEMO_TIMES.md)
 GPT="--batch-size 32 --max-steps 600 --eval-interval 150 --ckpt-interval 150"
 SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
-stage tokenize "1/12 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
+stage tokenize "1/14 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 
 gpts_and_probes() {  # the first lane: the paper's ablation, the same GPT on both kinds of tokens
-    stage gpt "2/12 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
+    stage gpt "2/14 train the GPT on DiGIT tokens" python train_gpt.py --out "$OUT" $GPT $(resume gpt.pt) $(force)
     after vq
-    stage gpt_vq "3/12 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" \
+    stage gpt_vq "3/14 train the same GPT on the VQ's tokens" python train_gpt.py --tokenizer vq --out "$OUT" \
         $GPT $(resume gpt_vq.pt) $(force)
-    stage probe "4/12 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
-    stage probe_vq "5/12 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
-    stage sample_vq "6/12 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq \
+    stage probe "4/14 linear probe of the DiGIT GPT" python probe.py --out "$OUT"
+    stage probe_vq "5/14 linear probe of the VQ-token GPT" python probe.py --tokenizer vq --out "$OUT"
+    stage sample_vq "6/14 sample every class (VQ-token GPT -> VQ decoder)" python sample.py --tokenizer vq \
         --out "$OUT" $SAMPLE
-    stage render_vq "7/12 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
+    stage render_vq "7/14 render the val images from their real VQ tokens (the VQ path's floor)" python sample.py \
         --tokenizer vq --out "$OUT" --from-tokens "$OUT/vq_tokens_val.pt" --num-samples 500 \
         --samples-dir "$OUT/rendered_val_vq"
-    stage stability "8/12 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
+    stage stability "8/14 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
         --out "$OUT" --images 100
+    after maskgit  # the decoder check joins this lane, which would otherwise end ~1 min before the other
+    stage render "9/14 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
+        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
 }
 # The VQ at batch 16: its reconstructions and renders as at 32, in about half the time. MaskGIT with one
 # position per patch (--layout aligned): half the paper's sequence and time; it renders real tokens as well
 # and GPT samples ~2 points less recognisably (docs/DEMO_TIMES.md).
 vq_and_decoder() {  # the second lane: stage 2, the pixel VQ and the MaskGIT decoder into it
-    stage vq "9/12 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" \
+    stage vq "10/14 train the pixel VQ (it also writes its own tokens of the same images: the baseline)" \
         python train_vq.py --out "$OUT" --max-steps 450 --batch-size 16 --lr 1e-3 --vq-channels 32 --perceptual 0 \
         --eval-interval 450 --ckpt-interval 150 $(resume vq.pt) $(force)
-    stage gallery "9/12 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
-    stage maskgit "10/12 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py \
+    stage gallery "11/14 token gallery" python tokenize_kmeans.py --out "$OUT" --gallery
+    stage maskgit "12/14 train the MaskGIT decoder (DiGIT tokens -> VQ tokens)" python train_decoder.py \
         --stage maskgit --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 \
         --ckpt-interval 250 $(resume decoder.pt) $(force)
     after gpt
-    stage render "11/12 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
-        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
-    stage sample "11/12 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
+    stage sample "13/14 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
         $SAMPLE --show-tokens
 }
 two_lanes gpts_and_probes vq_and_decoder
 
-stage eval "12/12 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" \
+stage eval "14/14 evaluate both GPTs' samples and the renders; report" python eval.py --out "$OUT" \
     --samples "$OUT/samples" --vq-samples "$OUT/samples_vq" --rendered "$OUT/rendered_val" \
     --vq-rendered "$OUT/rendered_val_vq" --fd-size 112 --report
 echo "== all done in $(((SECONDS - T_START) / 60)) min $(((SECONDS - T_START) % 60)) s (precision $PRECISION," \
