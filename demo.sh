@@ -93,9 +93,9 @@ gpts_and_probes() {  # the first lane: the paper's ablation, the same GPT on bot
         --samples-dir "$OUT/rendered_val_vq"
     stage stability "8/14 latent stability, fair protocol (paper Table 1) and the PCA/LDA toy" python stability.py \
         --out "$OUT" --images 100
-    after maskgit  # the decoder check joins this lane, which would otherwise end ~1 min before the other
-    stage render "9/14 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
-        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
+    after maskgit  # the DiGIT samples join this lane, which would otherwise end ~1 min before the other
+    stage sample "9/14 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
+        $SAMPLE --show-tokens
 }
 # The VQ at batch 16: its reconstructions and renders as at 32, in about half the time. MaskGIT with one
 # position per patch (--layout aligned): half the paper's sequence and time; it renders real tokens as well
@@ -109,8 +109,8 @@ vq_and_decoder() {  # the second lane: stage 2, the pixel VQ and the MaskGIT dec
         --stage maskgit --out "$OUT" --layout aligned --max-steps 1000 --lr 1e-3 --eval-interval 1000 \
         --ckpt-interval 250 $(resume decoder.pt) $(force)
     after gpt
-    stage sample "13/14 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
-        $SAMPLE --show-tokens
+    stage render "13/14 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
+        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
 }
 two_lanes gpts_and_probes vq_and_decoder
 
