@@ -151,7 +151,8 @@ def installs(tmp_path, extra="", **env):
     p = subprocess.run(["bash", "-c", "source ./setup_env.sh requirements.txt"], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    return [" ".join(line.split()[2:5]) for line in log.read_text().splitlines() if line.startswith("start")], p
+    starts = [line.split() for line in log.read_text().splitlines() if line.startswith("start")]
+    return [" ".join(argv[2:5]) for argv in starts], p
 
 
 def test_setup_installs_with_uv_and_falls_back_to_pip(tmp_path):
