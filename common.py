@@ -276,16 +276,24 @@ BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_
              "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
 
 
+def cpuinfo():
+    """The fields of the first processor in /proc/cpuinfo ('model name', 'flags', ...); {} where there is
+    no such file (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in first.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in fields}
+
+
 def cpu_has_bf16():
     """True where bf16 matmuls beat fp32 on this CPU: x86 with AMX or AVX512-BF16 (2.4-8x faster, warm);
     without them a bf16 matmul is emulated at ~1 GFLOP/s. Read from the CPU's flags, not timed: the
     answer is the same in every process of a machine. ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN
     then emulates bf16) counts as no bf16."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux
-        return False
+    flags = cpuinfo().get("flags", "").split()
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in BF16_ISAS
     has_bf16 = bool({"amx_bf16", "avx512_bf16"} & set(flags))
     return platform.machine() in ("x86_64", "AMD64") and has_bf16 and not capped

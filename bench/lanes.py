@@ -24,6 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import cpuinfo  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="out", help="a finished demo's output folder (default: %(default)s)")
 p.add_argument("--repeats", type=int, default=2, help="serial/lanes pairs, alternated (default: %(default)s)")
@@ -40,10 +42,8 @@ HALF = max(1, CORES // 2)
 
 def cpu():
     """'model name, AVX-512 or AVX2 only' from /proc/cpuinfo (Linux), else the machine's architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
-    except OSError:
+    info = cpuinfo()
+    if not info:
         return platform.machine()
     flags = info.get("flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
