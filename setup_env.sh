@@ -13,14 +13,15 @@ fi
 # against ~125 s on 2 cores (docs/DEMO_TIMES.md). pip installs uv itself; should uv fail (say, an index
 # only pip is configured for), pip installs everything instead.
 install() {
-    if [ "${DIGIT_INSTALLER:-uv}" != pip ] && "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv \
-        && "$VENV/bin/python" -m uv pip install -q --compile-bytecode --python "$VENV/bin/python" -r "$REQ"; then
-        return
+    local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+    if [ "${DIGIT_INSTALLER:-uv}" != pip ]; then
+        "${pip[@]}" uv && "$VENV/bin/python" -m uv pip install -q --compile-bytecode --python "$VENV/bin/python" \
+            -r "$REQ" && return
+        echo "uv could not install $(basename "$REQ"); pip instead"
     fi
-    [ "${DIGIT_INSTALLER:-uv}" = pip ] || echo "uv could not install $(basename "$REQ"); pip instead"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
+    "${pip[@]}" -r "$REQ"
 }
-# pip is quick when everything is already installed; the stamp skips even that when nothing changed
+# the stamp skips the installer when the requirement files have not changed since it last ran
 STAMP="$VENV/.digit-$(cat "$(dirname "$REQ")"/requirements*.txt | cksum | cut -d' ' -f1)-$(basename "$REQ")"
 if [ ! -f "$STAMP" ]; then
     echo "installing $(basename "$REQ") into $VENV (the first time takes a minute or two)"
