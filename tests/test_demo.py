@@ -41,22 +41,24 @@ def make_fake_python(tmp_path, extra=""):
     (bin_dir / "python").chmod(0o755)
 
 
+def run_logged(tmp_path, script, ok=True, **env):
+    """Run a bash script with the stand-in python; return (the logged lines, split; process)."""
+    log = tmp_path / "log.txt"
+    log.write_text("")
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+           "DIGIT_VENV": str(tmp_path / "venv"), "DIGIT_LOG": str(log), **env}
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert (p.returncode == 0) == ok, p.stderr
+    return [line.split() for line in log.read_text().splitlines()], p
+
+
 def run_demo(tmp_path, *args, ok=True):
     """Run demo.sh with the stand-in python; return (events, process): events are (start|end, threads,
     stage, argv) in the order they happened."""
-    log = tmp_path / "log.txt"
-    log.write_text("")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(DIGIT_VENV=str(tmp_path / "venv"), DIGIT_OUT=str(tmp_path / "out"), DIGIT_LOG=str(log),
-               DIGIT_PRECISION="fp32")
-    p = subprocess.run(["bash", os.path.join(ROOT, "demo.sh"), *args], capture_output=True, text=True,
-                       env=env)
-    assert (p.returncode == 0) == ok, p.stderr
-    events = []
-    for line in log.read_text().splitlines():
-        what, threads, *argv = line.split()
-        if argv[0] != "-m":  # not the installer (python -m pip / python -m uv)
-            events.append((what, threads, stage_of(argv), argv))
+    lines, p = run_logged(tmp_path, " ".join(["bash demo.sh", *args]), ok, DIGIT_OUT=str(tmp_path / "out"),
+                          DIGIT_PRECISION="fp32")
+    events = [(what, threads, stage_of(argv), argv) for what, threads, *argv in lines
+              if argv[0] != "-m"]  # not the installer (python -m pip / python -m uv)
     return events, p
 
 
@@ -143,16 +145,10 @@ def test_a_failing_stage_stops_both_lanes_and_shows_its_log(tmp_path):
 
 
 def installs(tmp_path, extra="", **env):
-    """Source setup_env.sh with the stand-in python (no stamp yet); return the installer commands it ran."""
+    """Source setup_env.sh with the stand-in python; return the installer commands it ran."""
     make_fake_python(tmp_path, extra)
-    log = tmp_path / "log.txt"
-    log.write_text("")
-    env = {**os.environ, "DIGIT_VENV": str(tmp_path / "venv"), "DIGIT_LOG": str(log), **env}
-    p = subprocess.run(["bash", "-c", "source ./setup_env.sh requirements.txt"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    starts = [line.split() for line in log.read_text().splitlines() if line.startswith("start")]
-    return [" ".join(argv[2:5]) for argv in starts], p
+    lines, p = run_logged(tmp_path, "source ./setup_env.sh requirements.txt", **env)
+    return [" ".join(argv[:3]) for what, _, *argv in lines if what == "start"], p
 
 
 def test_setup_installs_with_uv_and_falls_back_to_pip(tmp_path):
