@@ -5,6 +5,7 @@ the linear classifier that probe.py and eval.py train. What stages write and rea
 Imports no stage.
 """
 import argparse
+import atexit
 import contextlib
 import functools
 import math
@@ -153,23 +154,32 @@ def init_distributed(device_arg="auto", timeout=600.0):
     return rank, world, device
 
 
-def start_heartbeat(timeout):
+def start_heartbeat(timeout, every=None):
     """A daemon thread that stores 'heartbeat/<rank>' = time every few seconds, and an exception hook that
     turns a collective's timeout into one line naming the ranks whose heartbeat went quiet."""
     rank, world = dist.get_rank(), dist.get_world_size()
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           # a second client of the rendezvous store torchrun runs
                           timeout=timedelta(seconds=30))
-    every = max(0.5, min(5.0, timeout / 4))
+    every = max(0.5, min(5.0, timeout / 4)) if every is None else every
+    stop = threading.Event()
 
     def beat():
-        while True:
+        while not stop.is_set():
             try:
                 store.set(f"heartbeat/{rank}", repr(time.time()))
             except Exception:  # the store went away: the run is ending
                 return
-            time.sleep(every)
-    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+            stop.wait(every)
+    thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
+    thread.start()
+
+    def stop_beating():
+        # A daemon thread caught inside store.set (C++) when the interpreter finalizes is torn down
+        # mid-call and the process aborts (SIGABRT) after the script succeeded; atexit runs before that.
+        stop.set()
+        thread.join(timeout=40)  # one store.set, which gives up after the store's 30 s
+    atexit.register(stop_beating)
     previous = sys.excepthook
 
     def explain(kind, exc, tb):

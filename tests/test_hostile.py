@@ -284,6 +284,29 @@ def test_a_frozen_torchrun_rank_is_named_after_the_timeout(tmp_path):
     assert "stopped answering: rank 1" in line[0], p.stderr[-2000:]
 
 
+BEATING = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from common import start_heartbeat
+dist.init_process_group("gloo")
+start_heartbeat(600, every=0)  # beat without pause: the exit is all but sure to find the thread in store.set
+time.sleep(0.3)
+print("done")
+"""
+
+
+def test_a_beating_heartbeat_does_not_abort_a_finished_script(tmp_path):
+    """The heartbeat thread is stopped before the interpreter finalizes: a daemon thread torn down inside a
+    store call aborts the finished process (SIGABRT: a failed torchrun; once seen in CI)."""
+    script = tmp_path / "beating.py"
+    script.write_text(BEATING.format(root=ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        "1", str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and "done" in p.stdout, p.stderr[-2000:]
+
+
 def test_dist_timeout_is_a_checked_flag_of_every_script():
     import train_gpt
     assert train_gpt.get_args(["--dist-timeout", "30"]).dist_timeout == 30
