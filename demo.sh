@@ -76,7 +76,13 @@ force() { if [ "$FORCE" = 1 ]; then echo --force; fi; }  # training stages refus
 # the same GPT for both tokenizers (the paper's ablation); batch 32 costs half of 64 and keeps its quality
 # (docs/DEMO_TIMES.md)
 GPT="--batch-size 32 --max-steps 600 --eval-interval 150 --ckpt-interval 150"
-SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2"
+# Sampling: the GPT at temperature 0.9 and stage 2 at 0.1 (both GPTs alike). Stage 2 reconstructs the
+# image its DiGIT tokens describe rather than inventing one, and at full temperature it adds strokes they
+# do not ask for; the GPT at 0.9 draws more typical digits. Over three seeds, 300 samples each, the
+# requested digit is recognised in 96.7-97.0% of samples against 91.0-93.0% at 1.0 / 1.0, for an FD_DINOv2
+# 6-19 higher (less variety: docs/DEMO_TIMES.md).
+SAMPLE="--class 0,1,2,3,4,5,6,7,8,9 --num-samples 10 --top-k 100 --cfg-scale 2 --temperature 0.9"
+STAGE2="--decode-temperature 0.1"
 stage tokenize "1/14 tokenize: DINOv2 features + K-means" python tokenize_kmeans.py --out "$OUT" --workers 0 $(refit)
 
 gpts_and_probes() {  # the first lane: the paper's ablation, the same GPT on both kinds of tokens
@@ -95,7 +101,7 @@ gpts_and_probes() {  # the first lane: the paper's ablation, the same GPT on bot
         --out "$OUT" --images 100
     after maskgit  # the DiGIT samples join this lane, which would otherwise end ~1 min before the other
     stage sample "9/14 sample every class (DiGIT GPT -> MaskGIT -> VQ decoder)" python sample.py --out "$OUT" \
-        $SAMPLE --show-tokens
+        $SAMPLE $STAGE2 --show-tokens
 }
 # The VQ at batch 16: its reconstructions and renders as at 32, in about half the time. MaskGIT with one
 # position per patch (--layout aligned): half the paper's sequence and time; it renders real tokens as well
@@ -111,7 +117,8 @@ vq_and_decoder() {  # the second lane: stage 2, the pixel VQ and the MaskGIT dec
         --eval-interval 2000 --ckpt-interval 500 $(resume decoder.pt) $(force)
     after gpt
     stage render "13/14 render the val images from their real DiGIT tokens (the decoder check)" python sample.py \
-        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val"
+        --out "$OUT" --from-tokens "$OUT/tokens_val.pt" --num-samples 500 --samples-dir "$OUT/rendered_val" \
+        $STAGE2
 }
 two_lanes gpts_and_probes vq_and_decoder
 
